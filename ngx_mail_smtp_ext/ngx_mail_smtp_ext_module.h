@@ -1,0 +1,209 @@
+
+/*
+ * Copyright (C) ngx_mail_smtp_ext developers
+ */
+
+
+#ifndef _NGX_MAIL_SMTP_EXT_MODULE_H_INCLUDED_
+#define _NGX_MAIL_SMTP_EXT_MODULE_H_INCLUDED_
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+#include <ngx_event_connect.h>
+#include <ngx_mail.h>
+
+#include "ngx_smtp_core.h"
+
+
+#define NGX_MAIL_SMTP_EXT_AUTH_PLAIN       0x02
+#define NGX_MAIL_SMTP_EXT_AUTH_LOGIN       0x04
+#define NGX_MAIL_SMTP_EXT_AUTH_CRAM_MD5    0x08
+
+#define NGX_MAIL_SMTP_EXT_TLS_OFF          0
+#define NGX_MAIL_SMTP_EXT_TLS_ON           1
+#define NGX_MAIL_SMTP_EXT_TLS_REQUIRED     2
+
+/* buffer sizes: commands, DATA in each direction, backend replies */
+#define NGX_MAIL_SMTP_EXT_CMD_BUF          1024
+#define NGX_MAIL_SMTP_EXT_OUT_BUF          1024
+#define NGX_MAIL_SMTP_EXT_DATA_BUF         32768
+#define NGX_MAIL_SMTP_EXT_DATA_IN_BUF      16384
+#define NGX_MAIL_SMTP_EXT_REPLY_BUF        4096
+#define NGX_MAIL_SMTP_EXT_HELO_MAX         255
+
+
+typedef struct {
+    struct sockaddr                *sockaddr;
+    socklen_t                       socklen;
+    ngx_str_t                       name;
+
+    ngx_uint_t                      weight;
+    ngx_uint_t                      max_fails;
+    time_t                          fail_timeout;
+    unsigned                        backup:1;
+    unsigned                        down:1;
+
+    /* per worker: balancing state, like ngx_http_upstream_round_robin */
+    ngx_int_t                       current_weight;
+    ngx_int_t                       effective_weight;
+    ngx_uint_t                      fails;
+    time_t                          checked;
+    ngx_uint_t                      conns;
+} ngx_mail_smtp_ext_peer_t;
+
+
+typedef struct {
+    ngx_str_t                       name;
+    ngx_array_t                     peers;      /* ngx_mail_smtp_ext_peer_t */
+    ngx_uint_t                      backups;
+    unsigned                        least_conn:1;
+    unsigned                        implicit:1; /* from smtp_ext_pass h:p */
+    u_char                         *file_name;
+    ngx_uint_t                      line;
+} ngx_mail_smtp_ext_pool_t;
+
+
+typedef struct {
+    ngx_array_t                     pools;      /* ngx_mail_smtp_ext_pool_t * */
+} ngx_mail_smtp_ext_main_conf_t;
+
+
+typedef struct {
+    ngx_str_t                       pass_name;
+    ngx_mail_smtp_ext_pool_t       *pass;
+
+    ngx_uint_t                      auth_methods;
+    ngx_flag_t                      require_auth;
+    off_t                           max_message_size;
+    ngx_uint_t                      max_recipients;
+    ngx_flag_t                      xclient;
+    ngx_flag_t                      proxy_protocol;
+    ngx_uint_t                      upstream_tls;
+    ngx_msec_t                      connect_timeout;
+    ngx_msec_t                      upstream_timeout;
+    ngx_uint_t                      bare_lf;
+    ngx_uint_t                      auth_fail_limit;
+    time_t                          auth_fail_window;
+
+#if (NGX_MAIL_SSL)
+    ngx_ssl_t                      *upstream_ssl;
+#endif
+
+    /* replies built once at configuration time */
+    ngx_str_t                       greeting;
+    ngx_str_t                       helo;
+    ngx_str_t                       ehlo;           /* in TLS or no TLS */
+    ngx_str_t                       ehlo_starttls;  /* STARTTLS offered */
+    ngx_str_t                       too_many_errors;
+    ngx_str_t                       timed_out;
+
+    u_char                         *file_name;
+    ngx_uint_t                      line;
+} ngx_mail_smtp_ext_srv_conf_t;
+
+
+typedef struct ngx_mail_smtp_ext_relay_s  ngx_mail_smtp_ext_relay_t;
+
+
+/* what the session waits for */
+typedef enum {
+    ngx_smtp_ext_cmd = 0,       /* reading and executing commands */
+    ngx_smtp_ext_wait,          /* a backend step is pending */
+    ngx_smtp_ext_data,          /* streaming the message */
+    ngx_smtp_ext_data_wait,     /* end of data sent, backend reply due */
+    ngx_smtp_ext_starttls,      /* 220 queued, handshake next */
+    ngx_smtp_ext_closing        /* reply queued, close after it */
+} ngx_mail_smtp_ext_state_e;
+
+
+typedef struct {
+    ngx_mail_session_t             *session;
+    ngx_mail_smtp_ext_state_e       state;
+
+    ngx_buf_t                      *out;        /* replies to the client */
+    ngx_buf_t                      *cmdbuf;     /* s->buffer between DATAs */
+    ngx_buf_t                       dbuf;       /* s->buffer in DATA */
+
+    u_char                          helo[NGX_MAIL_SMTP_EXT_HELO_MAX];
+    size_t                          helo_len;
+
+    /* transaction, its strings live in tpool */
+    ngx_pool_t                     *tpool;
+    ngx_str_t                       from;       /* path */
+    ngx_str_t                       mail_cmd;   /* line for the backend */
+    off_t                           size;       /* SIZE= or -1 */
+    ngx_uint_t                      rcpts;      /* accepted */
+    ngx_uint_t                      rcpts_tried;
+    ngx_mail_smtp_ext_pool_t       *route;
+    ngx_msec_t                      start;
+    ngx_uint_t                      last_code;
+    ngx_smtp_data_t                 data;
+    ngx_uint_t                      step;       /* backend step awaited */
+    ngx_str_t                      *pending_rcpt;
+    ngx_mail_smtp_ext_pool_t       *pending_route;
+
+    ngx_mail_smtp_ext_relay_t      *relay;
+
+    unsigned                        greeted:1;  /* HELO or EHLO seen */
+    unsigned                        in_tx:1;    /* MAIL accepted */
+    unsigned                        smtputf8:1;
+    unsigned                        body8:1;
+    unsigned                        skip_line:1; /* overlong line */
+    unsigned                        out_blocked:1;
+    unsigned                        data_failed:1;
+    unsigned                        quit:1;
+} ngx_mail_smtp_ext_ctx_t;
+
+
+/* the relay tells the session about a finished step */
+typedef void (*ngx_mail_smtp_ext_relay_done_pt)(ngx_mail_session_t *s,
+    ngx_int_t rc, ngx_uint_t code, u_char *reply, size_t len);
+
+
+/* ngx_mail_smtp_ext_session.c */
+void ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s,
+    ngx_connection_t *c);
+void ngx_mail_smtp_ext_init_protocol(ngx_event_t *rev);
+void ngx_mail_smtp_ext_auth_state(ngx_event_t *rev);
+ngx_int_t ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
+    ngx_uint_t code, u_char *reply, size_t len);
+void ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s);
+
+/* ngx_mail_smtp_ext_upstream.c */
+char *ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+ngx_mail_smtp_ext_pool_t *ngx_mail_smtp_ext_find_pool(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_main_conf_t *smcf, ngx_str_t *target);
+ngx_mail_smtp_ext_peer_t *ngx_mail_smtp_ext_get_peer(
+    ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried);
+void ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_peer_t *peer,
+    ngx_uint_t failed);
+ngx_uint_t ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
+    ngx_mail_smtp_ext_peer_t *peer);
+
+/*
+ * ngx_mail_smtp_ext_relay.c: the backend connection of a session.  Each
+ * call starts one step and ends in exactly one ngx_mail_smtp_ext_relay_done
+ * call, never from inside the call that started it.
+ */
+ngx_int_t ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_pool_t *pool);
+void ngx_mail_smtp_ext_relay_rcpt(ngx_mail_session_t *s, ngx_str_t *rcpt);
+void ngx_mail_smtp_ext_relay_data(ngx_mail_session_t *s);
+ngx_buf_t *ngx_mail_smtp_ext_relay_body_buf(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s,
+    ngx_uint_t last);
+void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit);
+ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_pool_t *pool);
+ngx_str_t *ngx_mail_smtp_ext_relay_peer_name(ngx_mail_session_t *s);
+
+
+extern ngx_module_t  ngx_mail_smtp_ext_module;
+
+
+#endif /* _NGX_MAIL_SMTP_EXT_MODULE_H_INCLUDED_ */

@@ -1,0 +1,1347 @@
+
+/*
+ * Copyright (C) ngx_mail_smtp_ext developers
+ */
+
+
+/*
+ * The backend side of a session: connect to a peer of the route's pool
+ * (trying the next one on connect, greeting or handshake failure), EHLO,
+ * optional STARTTLS and XCLIENT, then MAIL/RCPT/DATA on the session's
+ * behalf and the message body with back-pressure.  Every step ends in one
+ * ngx_mail_smtp_ext_relay_done() call.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+#include <ngx_event_connect.h>
+#include <ngx_mail.h>
+
+#include "ngx_mail_smtp_ext_module.h"
+
+
+typedef enum {
+    ngx_relay_connect = 0,
+    ngx_relay_greeting,
+    ngx_relay_ehlo,
+    ngx_relay_helo,
+    ngx_relay_starttls,
+    ngx_relay_xclient,
+    ngx_relay_xehlo,
+    ngx_relay_idle,
+    ngx_relay_cmds,
+    ngx_relay_data,
+    ngx_relay_body,
+    ngx_relay_dot
+} ngx_mail_smtp_ext_relay_state_e;
+
+
+typedef enum {
+    ngx_relay_cmd_rset = 0,
+    ngx_relay_cmd_mail,
+    ngx_relay_cmd_rcpt
+} ngx_mail_smtp_ext_relay_cmd_e;
+
+
+#define NGX_RELAY_MAX_CMDS   3
+#define NGX_RELAY_FAIL_MAX   512
+
+
+struct ngx_mail_smtp_ext_relay_s {
+    ngx_mail_session_t                *session;
+    ngx_pool_t                        *pool;
+    ngx_peer_connection_t              pc;
+
+    ngx_mail_smtp_ext_pool_t          *upstream;
+    ngx_mail_smtp_ext_peer_t          *peer;
+    ngx_uint_t                         tried;
+
+    ngx_mail_smtp_ext_relay_state_e    state;
+
+    ngx_buf_t                         *in;
+    ngx_buf_t                         *out;
+    ngx_smtp_reply_t                   reply;
+    ngx_smtp_ehlo_t                    ehlo;
+
+    /* commands written or queued, and where the next one starts */
+    ngx_mail_smtp_ext_relay_cmd_e      cmds[NGX_RELAY_MAX_CMDS];
+    size_t                             cmd_end[NGX_RELAY_MAX_CMDS];
+    ngx_uint_t                         ncmds;
+    ngx_uint_t                         sent_cmds;
+    ngx_uint_t                         done_cmds;
+
+    u_char                             fail[NGX_RELAY_FAIL_MAX];
+    size_t                             fail_len;
+    ngx_uint_t                         fail_code;
+
+    ngx_event_t                        fail_ev;
+
+    unsigned                           mail_sent:1;
+    unsigned                           need_rset:1;
+    unsigned                           tls:1;
+    unsigned                           handshaked:1;
+    unsigned                           broken:1;
+    unsigned                           body_blocked:1;
+    unsigned                           last:1;
+};
+
+
+static ngx_int_t ngx_mail_smtp_ext_relay_connect(
+    ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r,
+    char *reason);
+static void ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t failed);
+static void ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r,
+    char *reason);
+static void ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev);
+static void ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev);
+static ngx_int_t ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_error(ngx_mail_smtp_ext_relay_t *r,
+    char *reason);
+static void ngx_mail_smtp_ext_relay_error_later(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_error_handler(ngx_event_t *ev);
+static void ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t code, u_char *p, size_t len);
+static void ngx_mail_smtp_ext_relay_handshake(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t code, u_char *p, size_t len);
+static void ngx_mail_smtp_ext_relay_after_ehlo(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_command_reply(
+    ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code, u_char *p, size_t len);
+static void ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r);
+static ngx_int_t ngx_mail_smtp_ext_relay_send_line(
+    ngx_mail_smtp_ext_relay_t *r, ngx_mail_smtp_ext_relay_state_e state,
+    char *fmt, ...);
+static ngx_int_t ngx_mail_smtp_ext_relay_xclient(
+    ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_write_cmds(ngx_mail_smtp_ext_relay_t *r);
+#if (NGX_MAIL_SSL)
+static void ngx_mail_smtp_ext_relay_starttls(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_ssl_handshaked(ngx_connection_t *c);
+#endif
+
+
+ngx_int_t
+ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ngx_pool_t                 *p;
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    /* the relay has its own pool: it may outlive a transaction */
+
+    p = ngx_create_pool(1024, s->connection->log);
+    if (p == NULL) {
+        return NGX_ERROR;
+    }
+
+    r = ngx_pcalloc(p, sizeof(ngx_mail_smtp_ext_relay_t));
+    if (r == NULL) {
+        ngx_destroy_pool(p);
+        return NGX_ERROR;
+    }
+
+    r->session = s;
+    r->pool = p;
+    r->upstream = pool;
+
+    r->in = ngx_create_temp_buf(p, NGX_MAIL_SMTP_EXT_REPLY_BUF);
+    r->out = ngx_create_temp_buf(p, NGX_MAIL_SMTP_EXT_DATA_BUF);
+
+    if (r->in == NULL || r->out == NULL) {
+        ngx_destroy_pool(p);
+        return NGX_ERROR;
+    }
+
+    ctx->relay = r;
+
+    if (ngx_mail_smtp_ext_relay_connect(r) != NGX_OK) {
+        ngx_mail_smtp_ext_relay_free(r);
+        return NGX_ERROR;
+    }
+
+    return NGX_AGAIN;
+}
+
+
+/* starts a connect to the next untried peer; NGX_ERROR if none is left */
+
+static ngx_int_t
+ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
+{
+    u_char                        *p;
+    ngx_int_t                      rc;
+    ngx_connection_t              *c, *cc;
+    ngx_mail_session_t            *s;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    s = r->session;
+    c = s->connection;
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    for ( ;; ) {
+
+        r->peer = ngx_mail_smtp_ext_get_peer(r->upstream, r->tried);
+        if (r->peer == NULL) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "smtp_ext: no live backend in \"%V\"",
+                          &r->upstream->name);
+            return NGX_ERROR;
+        }
+
+        r->tried |= (ngx_uint_t) 1
+                    << ngx_mail_smtp_ext_peer_index(r->upstream, r->peer);
+
+        ngx_memzero(&r->pc, sizeof(ngx_peer_connection_t));
+
+        r->pc.sockaddr = r->peer->sockaddr;
+        r->pc.socklen = r->peer->socklen;
+        r->pc.name = &r->peer->name;
+        r->pc.get = ngx_event_get_peer;
+        r->pc.log = c->log;
+        r->pc.log_error = NGX_ERROR_ERR;
+
+        rc = ngx_event_connect_peer(&r->pc);
+
+        if (rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "smtp_ext: connect to backend %V failed",
+                          &r->peer->name);
+
+            if (r->pc.connection) {
+                ngx_close_connection(r->pc.connection);
+                r->pc.connection = NULL;
+            }
+
+            ngx_mail_smtp_ext_peer_done(r->peer, 1);
+            r->peer = NULL;
+            continue;
+        }
+
+        break;
+    }
+
+    cc = r->pc.connection;
+    cc->data = r;
+    cc->pool = r->pool;
+    cc->log = c->log;
+    cc->read->log = c->log;
+    cc->write->log = c->log;
+    cc->read->handler = ngx_mail_smtp_ext_relay_read_handler;
+    cc->write->handler = ngx_mail_smtp_ext_relay_write_handler;
+
+    r->in->pos = r->in->start;
+    r->in->last = r->in->start;
+    r->out->pos = r->out->start;
+    r->out->last = r->out->start;
+    ngx_memzero(&r->reply, sizeof(ngx_smtp_reply_t));
+    ngx_memzero(&r->ehlo, sizeof(ngx_smtp_ehlo_t));
+    r->tls = 0;
+    r->handshaked = 0;
+    r->broken = 0;
+    r->mail_sent = 0;
+    r->need_rset = 0;
+
+    if (sscf->proxy_protocol) {
+        p = ngx_proxy_protocol_write(c, r->out->last, r->out->end);
+        if (p == NULL) {
+            return NGX_ERROR;
+        }
+
+        r->out->last = p;
+    }
+
+    r->state = ngx_relay_greeting;
+
+    /* connect and greeting together are bounded by connect_timeout */
+
+    ngx_add_timer(cc->read, sscf->connect_timeout);
+
+    if (rc == NGX_OK && r->out->pos != r->out->last) {
+        ngx_post_event(cc->write, &ngx_posted_events);
+    }
+
+    return NGX_OK;
+}
+
+
+/* the current peer failed before the session saw anything: try another */
+
+static void
+ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r, char *reason)
+{
+    ngx_mail_session_t  *s;
+
+    s = r->session;
+
+    ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                  "smtp_ext: backend %V %s",
+                  r->peer ? &r->peer->name : &r->upstream->name, reason);
+
+    ngx_mail_smtp_ext_relay_close_peer(r, 1);
+
+    if (ngx_mail_smtp_ext_relay_connect(r) == NGX_OK) {
+        return;
+    }
+
+    ngx_mail_smtp_ext_relay_free(r);
+
+    ngx_mail_smtp_ext_relay_done(s, NGX_ERROR, 451, NULL, 0);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t failed)
+{
+    if (r->pc.connection) {
+#if (NGX_MAIL_SSL)
+        if (r->pc.connection->ssl) {
+            r->pc.connection->ssl->no_wait_shutdown = 1;
+            r->pc.connection->ssl->no_send_shutdown = failed;
+            (void) ngx_ssl_shutdown(r->pc.connection);
+        }
+#endif
+        ngx_close_connection(r->pc.connection);
+        r->pc.connection = NULL;
+    }
+
+    if (r->peer) {
+        ngx_mail_smtp_ext_peer_done(r->peer, failed);
+        r->peer = NULL;
+    }
+}
+
+
+/*
+ * A backend failed after the handshake: close it.  A step in progress
+ * ends with NGX_ERROR; a blocked body write resumes the session, which
+ * then learns it from ngx_mail_smtp_ext_relay_body().
+ */
+
+static void
+ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r, char *reason)
+{
+    ngx_mail_session_t                *s;
+    ngx_mail_smtp_ext_relay_state_e    state;
+
+    s = r->session;
+
+    ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                  "smtp_ext: backend %V %s",
+                  r->peer ? &r->peer->name : &r->upstream->name, reason);
+
+    state = r->state;
+
+    ngx_mail_smtp_ext_relay_close_peer(r, 0);
+    r->broken = 1;
+
+    switch (state) {
+
+    case ngx_relay_idle:
+        ngx_mail_smtp_ext_relay_free(r);
+        return;
+
+    case ngx_relay_body:
+        if (r->body_blocked) {
+            r->body_blocked = 0;
+            ngx_mail_smtp_ext_resume_data(s);
+        }
+        return;
+
+    default:
+        ngx_mail_smtp_ext_relay_free(r);
+        ngx_mail_smtp_ext_relay_done(s, NGX_ERROR, 451, NULL, 0);
+        return;
+    }
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ngx_mail_smtp_ext_relay_close_peer(r, 0);
+
+    if (r->fail_ev.posted) {
+        ngx_delete_posted_event(&r->fail_ev);
+    }
+
+    ctx = ngx_mail_get_module_ctx(r->session, ngx_mail_smtp_ext_module);
+
+    if (ctx->relay == r) {
+        ctx->relay = NULL;
+    }
+
+    ngx_destroy_pool(r->pool);
+}
+
+
+void
+ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit)
+{
+    ngx_connection_t           *c;
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL) {
+        return;
+    }
+
+    c = r->pc.connection;
+
+    /* a polite QUIT, only when nothing else is in flight */
+
+    if (quit && c && r->state == ngx_relay_idle
+        && r->out->pos == r->out->last)
+    {
+        (void) c->send(c, (u_char *) "QUIT" CRLF, sizeof("QUIT" CRLF) - 1);
+    }
+
+    ngx_mail_smtp_ext_relay_free(r);
+}
+
+
+ngx_uint_t
+ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    return r != NULL
+           && !r->broken
+           && r->pc.connection != NULL
+           && r->upstream == pool
+           && (r->state == ngx_relay_idle || r->state == ngx_relay_cmds);
+}
+
+
+ngx_str_t *
+ngx_mail_smtp_ext_relay_peer_name(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->peer == NULL) {
+        return NULL;
+    }
+
+    return &r->peer->name;
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
+{
+    ngx_connection_t           *c;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    c = wev->data;
+    r = c->data;
+
+    if (wev->timedout) {
+        wev->timedout = 0;
+        ngx_mail_smtp_ext_relay_fail(r, "timed out while sending");
+        return;
+    }
+
+    if (ngx_mail_smtp_ext_relay_flush(r) == NGX_ERROR) {
+        if (r->handshaked) {
+            ngx_mail_smtp_ext_relay_fail(r, "closed the connection");
+
+        } else {
+            ngx_mail_smtp_ext_relay_next(r, "could not be connected");
+        }
+
+        return;
+    }
+
+    if (r->state == ngx_relay_body && r->body_blocked
+        && r->out->pos == r->out->last)
+    {
+        r->body_blocked = 0;
+
+        if (r->last) {
+            r->state = ngx_relay_dot;
+            return;
+        }
+
+        ngx_mail_smtp_ext_resume_data(r->session);
+    }
+}
+
+
+/*
+ * Writes what is buffered.  NGX_OK when all is written, NGX_AGAIN when the
+ * rest waits for the write event, NGX_ERROR on failure.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
+{
+    ssize_t                        n;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = r->pc.connection;
+
+    while (r->out->pos < r->out->last) {
+
+        n = c->send(c, r->out->pos, r->out->last - r->out->pos);
+
+        if (n == NGX_ERROR) {
+            return NGX_ERROR;
+        }
+
+        if (n == NGX_AGAIN || n == 0) {
+            sscf = ngx_mail_get_module_srv_conf(r->session,
+                                                ngx_mail_smtp_ext_module);
+
+            if (!c->write->timer_set && r->handshaked) {
+                ngx_add_timer(c->write, sscf->upstream_timeout);
+            }
+
+            if (ngx_handle_write_event(c->write, 0) != NGX_OK) {
+                return NGX_ERROR;
+            }
+
+            return NGX_AGAIN;
+        }
+
+        r->out->pos += n;
+    }
+
+    r->out->pos = r->out->start;
+    r->out->last = r->out->start;
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev)
+{
+    int                         rc;
+    size_t                      len;
+    ssize_t                     n;
+    u_char                     *p;
+    ngx_uint_t                  code;
+    ngx_connection_t           *c;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    c = rev->data;
+    r = c->data;
+
+    if (rev->timedout) {
+        rev->timedout = 0;
+        ngx_mail_smtp_ext_relay_error(r, "timed out");
+        return;
+    }
+
+    for ( ;; ) {
+
+        if (r->in->pos < r->in->last) {
+
+            rc = ngx_smtp_parse_reply(r->in->pos, r->in->last,
+                                      NGX_SMTP_MAX_LINE * 2, &r->reply);
+
+            if (rc == NGX_SMTP_ERROR) {
+                ngx_mail_smtp_ext_relay_error(r, "sent an invalid reply");
+                return;
+            }
+
+            if (rc == NGX_SMTP_OK) {
+                p = r->in->pos;
+                len = r->reply.len;
+                code = r->reply.code;
+
+                ngx_memzero(&r->reply, sizeof(ngx_smtp_reply_t));
+
+                r->in->pos += len;
+
+                if (r->in->pos == r->in->last) {
+                    /* the reply stays readable until the next recv() */
+                    r->in->pos = r->in->start;
+                    r->in->last = r->in->start;
+
+                } else {
+                    /* more replies wait: handle them after this one */
+                    ngx_post_event(rev, &ngx_posted_events);
+                }
+
+                /* the relay may be gone afterwards: touch nothing */
+
+                ngx_mail_smtp_ext_relay_reply(r, code, p, len);
+                return;
+            }
+
+            if (r->in->pos != r->in->start) {
+                len = r->in->last - r->in->pos;
+                ngx_memmove(r->in->start, r->in->pos, len);
+                r->in->pos = r->in->start;
+                r->in->last = r->in->start + len;
+            }
+        }
+
+        if (r->in->last == r->in->end) {
+            ngx_mail_smtp_ext_relay_error(r, "sent a too long reply");
+            return;
+        }
+
+        n = c->recv(c, r->in->last, r->in->end - r->in->last);
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == NGX_ERROR || n == 0) {
+            ngx_mail_smtp_ext_relay_error(r, "closed the connection");
+            return;
+        }
+
+        r->in->last += n;
+    }
+
+    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+        ngx_mail_smtp_ext_relay_error(r, "failed");
+        return;
+    }
+}
+
+
+/* before the handshake a failure moves on to the next peer */
+
+static void
+ngx_mail_smtp_ext_relay_error(ngx_mail_smtp_ext_relay_t *r, char *reason)
+{
+    if (r->handshaked) {
+        ngx_mail_smtp_ext_relay_fail(r, reason);
+
+    } else {
+        ngx_mail_smtp_ext_relay_next(r, reason);
+    }
+}
+
+
+/* a failure found inside a call from the session is reported later */
+
+static void
+ngx_mail_smtp_ext_relay_error_later(ngx_mail_smtp_ext_relay_t *r)
+{
+    r->fail_ev.handler = ngx_mail_smtp_ext_relay_error_handler;
+    r->fail_ev.data = r;
+    r->fail_ev.log = r->session->connection->log;
+
+    if (!r->fail_ev.posted) {
+        ngx_post_event(&r->fail_ev, &ngx_posted_events);
+    }
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_error_handler(ngx_event_t *ev)
+{
+    ngx_mail_smtp_ext_relay_error(ev->data, "closed the connection");
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
+    u_char *p, size_t len)
+{
+    ngx_connection_t    *c;
+    ngx_mail_session_t  *s;
+
+    s = r->session;
+    c = r->pc.connection;
+
+    if (!r->handshaked) {
+        ngx_mail_smtp_ext_relay_handshake(r, code, p, len);
+        return;
+    }
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    switch (r->state) {
+
+    case ngx_relay_cmds:
+        ngx_mail_smtp_ext_relay_command_reply(r, code, p, len);
+        return;
+
+    case ngx_relay_data:
+        if (code == 354) {
+            r->state = ngx_relay_body;
+
+        } else {
+            r->state = ngx_relay_idle;
+        }
+
+        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        return;
+
+    case ngx_relay_dot:
+    case ngx_relay_body:
+        if (r->state == ngx_relay_body && !r->last) {
+            /* a reply before the end of data: the backend gave up */
+            ngx_mail_smtp_ext_relay_fail(r, "replied during DATA");
+            return;
+        }
+
+        r->state = ngx_relay_idle;
+        r->mail_sent = 0;
+        r->last = 0;
+        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        return;
+
+    default:
+        /* a reply nobody asked for: 421 and the like */
+        ngx_mail_smtp_ext_relay_fail(r, "sent an unexpected reply");
+        return;
+    }
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_handshake(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t code, u_char *p, size_t len)
+{
+    ngx_mail_session_t            *s;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    s = r->session;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    switch (r->state) {
+
+    case ngx_relay_greeting:
+        if (code / 100 != 2) {
+            ngx_mail_smtp_ext_relay_next(r, "refused the session");
+            return;
+        }
+
+        (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_ehlo,
+                                                 "EHLO %V" CRLF,
+                                                 &cscf->server_name);
+        return;
+
+    case ngx_relay_ehlo:
+        if (code / 100 != 2) {
+            (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_helo,
+                                                     "HELO %V" CRLF,
+                                                     &cscf->server_name);
+            return;
+        }
+
+        ngx_smtp_parse_ehlo(p, len, &r->ehlo);
+        ngx_mail_smtp_ext_relay_after_ehlo(r);
+        return;
+
+    case ngx_relay_helo:
+        if (code / 100 != 2) {
+            ngx_mail_smtp_ext_relay_next(r, "refused HELO");
+            return;
+        }
+
+        if (sscf->upstream_tls == NGX_MAIL_SMTP_EXT_TLS_REQUIRED) {
+            ngx_mail_smtp_ext_relay_next(r, "does not offer STARTTLS");
+            return;
+        }
+
+        ngx_mail_smtp_ext_relay_ready(r);
+        return;
+
+#if (NGX_MAIL_SSL)
+    case ngx_relay_starttls:
+        if (code != 220) {
+            if (sscf->upstream_tls == NGX_MAIL_SMTP_EXT_TLS_REQUIRED) {
+                ngx_mail_smtp_ext_relay_next(r, "refused STARTTLS");
+                return;
+            }
+
+            /* opportunistic: carry on in plaintext */
+            r->ehlo.caps &= ~NGX_SMTP_CAP_STARTTLS;
+            ngx_mail_smtp_ext_relay_after_ehlo(r);
+            return;
+        }
+
+        ngx_mail_smtp_ext_relay_starttls(r);
+        return;
+#endif
+
+    case ngx_relay_xclient:
+        if (code / 100 != 2) {
+            ngx_mail_smtp_ext_relay_next(r, "refused XCLIENT");
+            return;
+        }
+
+        (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_xehlo,
+                                                 "EHLO %*s" CRLF,
+                                                 ctx->helo_len, ctx->helo);
+        return;
+
+    case ngx_relay_xehlo:
+        if (code / 100 != 2) {
+            ngx_mail_smtp_ext_relay_next(r, "refused EHLO after XCLIENT");
+            return;
+        }
+
+        ngx_smtp_parse_ehlo(p, len, &r->ehlo);
+        ngx_mail_smtp_ext_relay_ready(r);
+        return;
+
+    default:
+        ngx_mail_smtp_ext_relay_next(r, "sent an unexpected reply");
+        return;
+    }
+}
+
+
+/* after EHLO: STARTTLS, XCLIENT, or ready */
+
+static void
+ngx_mail_smtp_ext_relay_after_ehlo(ngx_mail_smtp_ext_relay_t *r)
+{
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    sscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_smtp_ext_module);
+
+#if (NGX_MAIL_SSL)
+    if (sscf->upstream_tls != NGX_MAIL_SMTP_EXT_TLS_OFF && !r->tls
+        && (r->ehlo.caps & NGX_SMTP_CAP_STARTTLS))
+    {
+        (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_starttls,
+                                                 "STARTTLS" CRLF);
+        return;
+    }
+#endif
+
+    if (sscf->upstream_tls == NGX_MAIL_SMTP_EXT_TLS_REQUIRED && !r->tls) {
+        ngx_mail_smtp_ext_relay_next(r, "does not offer STARTTLS");
+        return;
+    }
+
+    if (sscf->xclient && (r->ehlo.caps & NGX_SMTP_CAP_XCLIENT)) {
+        if (ngx_mail_smtp_ext_relay_xclient(r) != NGX_OK) {
+            ngx_mail_smtp_ext_relay_next(r, "XCLIENT failed");
+        }
+
+        return;
+    }
+
+    ngx_mail_smtp_ext_relay_ready(r);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r)
+{
+    ngx_connection_t  *c;
+
+    c = r->pc.connection;
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    r->handshaked = 1;
+    r->state = ngx_relay_idle;
+    r->peer->fails = 0;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                   "smtp_ext: backend %V ready", &r->peer->name);
+
+    ngx_mail_smtp_ext_relay_done(r->session, NGX_OK, 250, NULL, 0);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_relay_send_line(ngx_mail_smtp_ext_relay_t *r,
+    ngx_mail_smtp_ext_relay_state_e state, char *fmt, ...)
+{
+    va_list                        args;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    va_start(args, fmt);
+    r->out->last = ngx_vslprintf(r->out->last, r->out->end, fmt, args);
+    va_end(args);
+
+    r->state = state;
+
+    c = r->pc.connection;
+
+    if (r->handshaked) {
+        sscf = ngx_mail_get_module_srv_conf(r->session,
+                                            ngx_mail_smtp_ext_module);
+
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
+        }
+
+        ngx_add_timer(c->read, sscf->upstream_timeout);
+    }
+
+    if (ngx_mail_smtp_ext_relay_flush(r) == NGX_ERROR) {
+        ngx_mail_smtp_ext_relay_error_later(r);
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_relay_xclient(ngx_mail_smtp_ext_relay_t *r)
+{
+    u_char                   *p, *last;
+    size_t                    len;
+    ngx_uint_t                attrs;
+    ngx_str_t                 name;
+    ngx_connection_t         *c;
+    ngx_mail_session_t       *s;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    addr[NGX_SOCKADDR_STRLEN];
+
+    s = r->session;
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    attrs = r->ehlo.xclient;
+
+    p = r->out->last;
+    last = r->out->end;
+
+    /* worst case: every octet of a value becomes "+XX" */
+
+    len = sizeof("XCLIENT" CRLF) - 1
+          + sizeof(" ADDR=IPV6:") - 1 + 3 * NGX_SOCKADDR_STRLEN
+          + sizeof(" PORT=65535") - 1
+          + sizeof(" HELO=") - 1 + 3 * ctx->helo_len
+          + sizeof(" NAME=") - 1 + 3 * s->host.len
+          + sizeof(" PROTO=ESMTP") - 1
+          + sizeof(" LOGIN=") - 1 + 3 * s->login.len;
+
+    if ((size_t) (last - p) < len) {
+        return NGX_ERROR;
+    }
+
+    p = ngx_cpymem(p, "XCLIENT", sizeof("XCLIENT") - 1);
+
+    if (attrs & NGX_SMTP_XCLIENT_ADDR) {
+        len = ngx_sock_ntop(c->sockaddr, c->socklen, addr,
+                            NGX_SOCKADDR_STRLEN, 0);
+
+        p = ngx_cpymem(p, " ADDR=", sizeof(" ADDR=") - 1);
+
+#if (NGX_HAVE_INET6)
+        if (c->sockaddr->sa_family == AF_INET6) {
+            p = ngx_cpymem(p, "IPV6:", sizeof("IPV6:") - 1);
+        }
+#endif
+
+        p += ngx_smtp_xtext_encode(p, addr, len);
+    }
+
+    if (attrs & NGX_SMTP_XCLIENT_PORT) {
+        p = ngx_sprintf(p, " PORT=%ui",
+                        (ngx_uint_t) ngx_inet_get_port(c->sockaddr));
+    }
+
+    if ((attrs & NGX_SMTP_XCLIENT_HELO) && ctx->helo_len) {
+        p = ngx_cpymem(p, " HELO=", sizeof(" HELO=") - 1);
+        p += ngx_smtp_xtext_encode(p, ctx->helo, ctx->helo_len);
+    }
+
+    if (attrs & NGX_SMTP_XCLIENT_NAME) {
+        name = s->host;
+
+        if (name.len == 0) {
+            ngx_str_set(&name, "[UNAVAILABLE]");
+        }
+
+        p = ngx_cpymem(p, " NAME=", sizeof(" NAME=") - 1);
+        p += ngx_smtp_xtext_encode(p, name.data, name.len);
+    }
+
+    if (attrs & NGX_SMTP_XCLIENT_PROTO) {
+        p = ngx_sprintf(p, " PROTO=%s", s->esmtp ? "ESMTP" : "SMTP");
+    }
+
+    if ((attrs & NGX_SMTP_XCLIENT_LOGIN) && s->login.len) {
+        p = ngx_cpymem(p, " LOGIN=", sizeof(" LOGIN=") - 1);
+        p += ngx_smtp_xtext_encode(p, s->login.data, s->login.len);
+    }
+
+    *p++ = CR; *p++ = LF;
+
+    r->out->last = p;
+    r->state = ngx_relay_xclient;
+
+    if (ngx_mail_smtp_ext_relay_flush(r) == NGX_ERROR) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+#if (NGX_MAIL_SSL)
+
+static void
+ngx_mail_smtp_ext_relay_starttls(ngx_mail_smtp_ext_relay_t *r)
+{
+    ngx_int_t                      rc;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = r->pc.connection;
+    sscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_smtp_ext_module);
+
+    if (ngx_ssl_create_connection(sscf->upstream_ssl, c,
+                                  NGX_SSL_BUFFER|NGX_SSL_CLIENT)
+        != NGX_OK)
+    {
+        ngx_mail_smtp_ext_relay_next(r, "TLS setup failed");
+        return;
+    }
+
+    r->tls = 1;
+
+    rc = ngx_ssl_handshake(c);
+
+    if (rc == NGX_AGAIN) {
+        c->ssl->handler = ngx_mail_smtp_ext_relay_ssl_handshaked;
+        return;
+    }
+
+    ngx_mail_smtp_ext_relay_ssl_handshaked(c);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_ssl_handshaked(ngx_connection_t *c)
+{
+    ngx_mail_core_srv_conf_t   *cscf;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    r = c->data;
+
+    if (!c->ssl->handshaked) {
+        ngx_mail_smtp_ext_relay_next(r, "TLS handshake failed");
+        return;
+    }
+
+    c->read->handler = ngx_mail_smtp_ext_relay_read_handler;
+    c->write->handler = ngx_mail_smtp_ext_relay_write_handler;
+
+    cscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_core_module);
+
+    (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_ehlo,
+                                             "EHLO %V" CRLF,
+                                             &cscf->server_name);
+}
+
+#endif
+
+
+/* RCPT, preceded by RSET and MAIL as needed: one write with PIPELINING */
+
+void
+ngx_mail_smtp_ext_relay_rcpt(ngx_mail_session_t *s, ngx_str_t *rcpt)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+    u_char                     *p;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    r->ncmds = 0;
+    r->sent_cmds = 0;
+    r->done_cmds = 0;
+    r->fail_len = 0;
+    r->fail_code = 0;
+
+    p = r->out->last;
+
+    if (r->need_rset) {
+        p = ngx_cpymem(p, "RSET" CRLF, sizeof("RSET" CRLF) - 1);
+        r->cmds[r->ncmds] = ngx_relay_cmd_rset;
+        r->cmd_end[r->ncmds++] = p - r->out->pos;
+        r->need_rset = 0;
+    }
+
+    if (!r->mail_sent) {
+        p = ngx_cpymem(p, ctx->mail_cmd.data, ctx->mail_cmd.len);
+
+        if (r->ehlo.caps & NGX_SMTP_CAP_SIZE) {
+            if (ctx->size >= 0) {
+                p = ngx_sprintf(p, " SIZE=%O", ctx->size);
+            }
+        }
+
+        if (ctx->body8 && (r->ehlo.caps & NGX_SMTP_CAP_8BITMIME)) {
+            p = ngx_cpymem(p, " BODY=8BITMIME", sizeof(" BODY=8BITMIME") - 1);
+        }
+
+        if (ctx->smtputf8 && (r->ehlo.caps & NGX_SMTP_CAP_SMTPUTF8)) {
+            p = ngx_cpymem(p, " SMTPUTF8", sizeof(" SMTPUTF8") - 1);
+        }
+
+        *p++ = CR; *p++ = LF;
+
+        r->cmds[r->ncmds] = ngx_relay_cmd_mail;
+        r->cmd_end[r->ncmds++] = p - r->out->pos;
+        r->mail_sent = 1;
+    }
+
+    p = ngx_sprintf(p, "RCPT TO:<%V>" CRLF, rcpt);
+    r->cmds[r->ncmds] = ngx_relay_cmd_rcpt;
+    r->cmd_end[r->ncmds++] = p - r->out->pos;
+
+    r->out->last = p;
+    r->state = ngx_relay_cmds;
+
+    ngx_mail_smtp_ext_relay_write_cmds(r);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_write_cmds(ngx_mail_smtp_ext_relay_t *r)
+{
+    size_t                         len;
+    ssize_t                        n;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = r->pc.connection;
+    sscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_smtp_ext_module);
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    ngx_add_timer(c->read, sscf->upstream_timeout);
+
+    if ((r->ehlo.caps & NGX_SMTP_CAP_PIPELINING)
+        || r->sent_cmds + 1 == r->ncmds)
+    {
+        r->sent_cmds = r->ncmds;
+
+        if (ngx_mail_smtp_ext_relay_flush(r) == NGX_ERROR) {
+            ngx_mail_smtp_ext_relay_error_later(r);
+        }
+
+        return;
+    }
+
+    /* without PIPELINING: one command now, the rest after its reply */
+
+    len = r->cmd_end[r->sent_cmds]
+          - (r->sent_cmds ? r->cmd_end[r->sent_cmds - 1] : 0);
+
+    r->sent_cmds++;
+
+    n = c->send(c, r->out->pos, len);
+
+    if (n != (ssize_t) len) {
+        /* a short command line does not fill a socket buffer */
+        ngx_mail_smtp_ext_relay_error_later(r);
+        return;
+    }
+
+    r->out->pos += n;
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t code, u_char *p, size_t len)
+{
+    ngx_mail_session_t  *s;
+
+    s = r->session;
+
+    switch (r->cmds[r->done_cmds]) {
+
+    case ngx_relay_cmd_rset:
+        break;
+
+    case ngx_relay_cmd_mail:
+        if (code / 100 != 2) {
+            /* the RCPT that follows gets the backend's MAIL reply */
+            r->mail_sent = 0;
+            r->fail_len = ngx_min(len, NGX_RELAY_FAIL_MAX);
+            ngx_memcpy(r->fail, p, r->fail_len);
+            r->fail_code = code;
+        }
+
+        break;
+
+    case ngx_relay_cmd_rcpt:
+        r->state = ngx_relay_idle;
+
+        if (r->fail_len) {
+            ngx_mail_smtp_ext_relay_done(s, NGX_OK, r->fail_code, r->fail,
+                                         r->fail_len);
+            return;
+        }
+
+        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        return;
+    }
+
+    r->done_cmds++;
+
+    if (r->sent_cmds == r->done_cmds) {
+        ngx_mail_smtp_ext_relay_write_cmds(r);
+    }
+}
+
+
+void
+ngx_mail_smtp_ext_relay_data(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    r->last = 0;
+    r->body_blocked = 0;
+
+    (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_data,
+                                             "DATA" CRLF);
+}
+
+
+ngx_buf_t *
+ngx_mail_smtp_ext_relay_body_buf(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->broken || r->state != ngx_relay_body) {
+        return NULL;
+    }
+
+    return r->out;
+}
+
+
+/*
+ * Sends the scanned body in the relay's out buffer.  NGX_OK: all written,
+ * read more from the client; NGX_AGAIN: wait for
+ * ngx_mail_smtp_ext_resume_data() (or, with last, for the final reply);
+ * NGX_ERROR: the backend is gone.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
+{
+    ngx_int_t                      rc;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_relay_t     *r;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->broken || r->pc.connection == NULL) {
+        return NGX_ERROR;
+    }
+
+    c = r->pc.connection;
+    r->last = last;
+
+    rc = ngx_mail_smtp_ext_relay_flush(r);
+
+    if (rc == NGX_ERROR) {
+        r->state = ngx_relay_body;
+        ngx_mail_smtp_ext_relay_fail(r, "closed the connection in DATA");
+        return NGX_ERROR;
+    }
+
+    if (last) {
+        /* the final reply, however long the rest takes to write */
+
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
+        }
+
+        ngx_add_timer(c->read, sscf->upstream_timeout);
+    }
+
+    if (rc == NGX_AGAIN) {
+        r->body_blocked = 1;
+        return NGX_AGAIN;
+    }
+
+    if (last) {
+        r->state = ngx_relay_dot;
+        return NGX_AGAIN;
+    }
+
+    return NGX_OK;
+}
+
+
+void
+ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL) {
+        return;
+    }
+
+    if (r->state == ngx_relay_body || r->state == ngx_relay_dot
+        || r->state == ngx_relay_data)
+    {
+        /* a message was started: only closing keeps it from the queue */
+        ngx_mail_smtp_ext_relay_free(r);
+        return;
+    }
+
+    if (r->mail_sent) {
+        r->mail_sent = 0;
+        r->need_rset = 1;
+    }
+}

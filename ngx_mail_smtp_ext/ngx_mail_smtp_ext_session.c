@@ -1,0 +1,1490 @@
+
+/*
+ * Copyright (C) ngx_mail_smtp_ext developers
+ */
+
+
+/*
+ * The client side of a session: greeting, command loop with pipelining,
+ * replies, STARTTLS, the transaction and the DATA stream.  Backend steps
+ * are delegated to the relay and come back in ngx_mail_smtp_ext_relay_done.
+ */
+
+
+#include <ngx_config.h>
+#include <ngx_core.h>
+#include <ngx_event.h>
+#include <ngx_mail.h>
+#if (NGX_MAIL_SSL)
+#include <ngx_mail_ssl_module.h>
+#endif
+
+#include "ngx_mail_smtp_ext_module.h"
+
+
+/* the backend step the session waits for */
+#define NGX_SMTP_EXT_STEP_OPEN    1
+#define NGX_SMTP_EXT_STEP_RCPT    2
+#define NGX_SMTP_EXT_STEP_DATA    3
+#define NGX_SMTP_EXT_STEP_DOT     4
+
+
+#define ngx_smtp_ext_reply(s)     ngx_string(s CRLF)
+
+static ngx_str_t  ngx_smtp_ext_ok = ngx_smtp_ext_reply("250 2.0.0 Ok");
+static ngx_str_t  ngx_smtp_ext_mail_ok = ngx_smtp_ext_reply("250 2.1.0 Ok");
+static ngx_str_t  ngx_smtp_ext_bye = ngx_smtp_ext_reply("221 2.0.0 Bye");
+static ngx_str_t  ngx_smtp_ext_vrfy = ngx_smtp_ext_reply(
+    "252 2.0.0 Cannot VRFY user, but will accept message and attempt "
+    "delivery");
+static ngx_str_t  ngx_smtp_ext_help = ngx_smtp_ext_reply(
+    "214 2.0.0 https://www.rfc-editor.org/rfc/rfc5321");
+static ngx_str_t  ngx_smtp_ext_tls_ready = ngx_smtp_ext_reply(
+    "220 2.0.0 Ready to start TLS");
+static ngx_str_t  ngx_smtp_ext_go_ahead = ngx_smtp_ext_reply(
+    "354 End data with <CR><LF>.<CR><LF>");
+static ngx_str_t  ngx_smtp_ext_unknown = ngx_smtp_ext_reply(
+    "500 5.5.2 Error: command not recognized");
+static ngx_str_t  ngx_smtp_ext_too_long = ngx_smtp_ext_reply(
+    "500 5.5.6 Line too long");
+static ngx_str_t  ngx_smtp_ext_syntax = ngx_smtp_ext_reply(
+    "501 5.5.4 Syntax error in parameters or arguments");
+static ngx_str_t  ngx_smtp_ext_not_impl = ngx_smtp_ext_reply(
+    "502 5.5.1 Command not implemented");
+static ngx_str_t  ngx_smtp_ext_no_auth = ngx_smtp_ext_reply(
+    "503 5.5.1 Error: authentication not enabled");
+static ngx_str_t  ngx_smtp_ext_need_helo = ngx_smtp_ext_reply(
+    "503 5.5.1 Send HELO/EHLO first");
+static ngx_str_t  ngx_smtp_ext_nested = ngx_smtp_ext_reply(
+    "503 5.5.1 Nested MAIL command");
+static ngx_str_t  ngx_smtp_ext_need_mail = ngx_smtp_ext_reply(
+    "503 5.5.1 Need MAIL before RCPT");
+static ngx_str_t  ngx_smtp_ext_need_mail_data = ngx_smtp_ext_reply(
+    "503 5.5.1 Need MAIL before DATA");
+static ngx_str_t  ngx_smtp_ext_in_tls = ngx_smtp_ext_reply(
+    "503 5.5.1 Already in TLS");
+static ngx_str_t  ngx_smtp_ext_need_tls = ngx_smtp_ext_reply(
+    "530 5.7.0 Must issue a STARTTLS command first");
+static ngx_str_t  ngx_smtp_ext_no_rcpts = ngx_smtp_ext_reply(
+    "554 5.5.1 No valid recipients");
+static ngx_str_t  ngx_smtp_ext_param = ngx_smtp_ext_reply(
+    "555 5.5.4 Unsupported option");
+static ngx_str_t  ngx_smtp_ext_utf8 = ngx_smtp_ext_reply(
+    "553 5.6.7 Must declare SMTPUTF8 to send UTF-8 address");
+static ngx_str_t  ngx_smtp_ext_too_big = ngx_smtp_ext_reply(
+    "552 5.3.4 Message size exceeds fixed maximum message size");
+static ngx_str_t  ngx_smtp_ext_bare = ngx_smtp_ext_reply(
+    "550 5.6.11 Bare CR or LF not allowed in message data");
+static ngx_str_t  ngx_smtp_ext_too_many = ngx_smtp_ext_reply(
+    "452 4.5.3 Too many recipients");
+static ngx_str_t  ngx_smtp_ext_elsewhere = ngx_smtp_ext_reply(
+    "452 4.5.3 Recipient routed elsewhere, send it in a new transaction");
+static ngx_str_t  ngx_smtp_ext_no_backend = ngx_smtp_ext_reply(
+    "451 4.4.1 No backend available, try again later");
+static ngx_str_t  ngx_smtp_ext_backend_lost = ngx_smtp_ext_reply(
+    "451 4.4.2 Backend connection lost, try again later");
+static ngx_str_t  ngx_smtp_ext_shutdown = ngx_smtp_ext_reply(
+    "421 4.3.2 Service shutting down");
+static ngx_str_t  ngx_smtp_ext_internal = ngx_smtp_ext_reply(
+    "451 4.3.0 Internal server error");
+
+
+static void ngx_mail_smtp_ext_run(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_read(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_command(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_execute(ngx_mail_session_t *s,
+    u_char *line, size_t len);
+static ngx_int_t ngx_mail_smtp_ext_helo(ngx_mail_session_t *s,
+    ngx_smtp_cmd_t *cmd);
+static ngx_int_t ngx_mail_smtp_ext_mail(ngx_mail_session_t *s,
+    ngx_smtp_cmd_t *cmd);
+static ngx_int_t ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s,
+    ngx_smtp_cmd_t *cmd);
+static ngx_int_t ngx_mail_smtp_ext_data(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_body(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_error(ngx_mail_session_t *s,
+    ngx_str_t *reply);
+static ngx_int_t ngx_mail_smtp_ext_out(ngx_mail_session_t *s,
+    ngx_str_t *reply);
+static void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s,
+    u_char *reply, size_t len);
+static void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
+static ngx_int_t ngx_mail_smtp_ext_flush(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_write_handler(ngx_event_t *wev);
+static void ngx_mail_smtp_ext_close(ngx_mail_session_t *s,
+    ngx_str_t *reply);
+static void ngx_mail_smtp_ext_cleanup(void *data);
+static ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
+
+
+void
+ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
+{
+    ngx_pool_cleanup_t            *cln;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    ctx = ngx_pcalloc(c->pool, sizeof(ngx_mail_smtp_ext_ctx_t));
+    if (ctx == NULL) {
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    ngx_mail_set_ctx(s, ctx, ngx_mail_smtp_ext_module);
+
+    ctx->session = s;
+    ctx->size = -1;
+
+    /* no PTR lookups: XCLIENT NAME is sent as unavailable */
+    ngx_str_set(&s->host, "[UNAVAILABLE]");
+
+    ctx->out = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_OUT_BUF);
+    s->buffer = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_CMD_BUF);
+
+    cln = ngx_pool_cleanup_add(c->pool, 0);
+
+    if (ctx->out == NULL || s->buffer == NULL || cln == NULL) {
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    cln->handler = ngx_mail_smtp_ext_cleanup;
+    cln->data = s;
+
+    c->log->action = "in smtp_ext session";
+
+    c->read->handler = ngx_mail_smtp_ext_auth_state;
+    c->write->handler = ngx_mail_smtp_ext_write_handler;
+
+    ngx_add_timer(c->read, cscf->timeout);
+
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    (void) ngx_mail_smtp_ext_out(s, &sscf->greeting);
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+/* after a STARTTLS handshake: a new session on the same connection */
+
+void
+ngx_mail_smtp_ext_init_protocol(ngx_event_t *rev)
+{
+    ngx_connection_t         *c;
+    ngx_mail_session_t       *s;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = rev->data;
+    s = c->data;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    c->log->action = "in smtp_ext session";
+
+    c->read->handler = ngx_mail_smtp_ext_auth_state;
+    c->write->handler = ngx_mail_smtp_ext_write_handler;
+
+    ctx->state = ngx_smtp_ext_cmd;
+    ctx->greeted = 0;
+    ctx->helo_len = 0;
+    s->esmtp = 0;
+
+    s->buffer->pos = s->buffer->start;
+    s->buffer->last = s->buffer->start;
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+void
+ngx_mail_smtp_ext_auth_state(ngx_event_t *rev)
+{
+    ngx_connection_t              *c;
+    ngx_mail_session_t            *s;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = rev->data;
+    s = c->data;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (rev->timedout) {
+        rev->timedout = 0;
+        c->timedout = 1;
+
+        ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
+                      "client timed out");
+
+        if (ctx->state == ngx_smtp_ext_data) {
+            /* the message stays unfinished at the backend */
+            ngx_mail_smtp_ext_relay_close(s, 0);
+        }
+
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+        ngx_mail_smtp_ext_close(s, &sscf->timed_out);
+        return;
+    }
+
+    if (c->close) {
+        ngx_mail_smtp_ext_relay_close(s, 0);
+        ngx_mail_smtp_ext_close(s, &ngx_smtp_ext_shutdown);
+        return;
+    }
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+/* NGX_SMTP_EXT parse_command hook: the core never calls it for us */
+
+ngx_int_t
+ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s)
+{
+    return NGX_MAIL_PARSE_INVALID_COMMAND;
+}
+
+
+/*
+ * The session's engine: executes buffered commands in order, streams
+ * DATA, reads when it needs input, and stops while a backend step is
+ * pending or the client does not take our replies.
+ */
+
+static void
+ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
+{
+    ngx_int_t                  rc;
+    ngx_connection_t          *c;
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_core_srv_conf_t  *cscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    for ( ;; ) {
+
+        if (ctx->out_blocked) {
+            return;
+        }
+
+        switch (ctx->state) {
+
+        case ngx_smtp_ext_cmd:
+
+            if ((size_t) (ctx->out->end - ctx->out->last)
+                < NGX_SMTP_MAX_LINE)
+            {
+                rc = ngx_mail_smtp_ext_flush(s);
+
+                if (rc == NGX_DONE) {
+                    return;
+                }
+
+                if (rc == NGX_AGAIN) {
+                    return;
+                }
+            }
+
+            rc = ngx_mail_smtp_ext_command(s);
+            break;
+
+        case ngx_smtp_ext_data:
+            rc = ngx_mail_smtp_ext_body(s);
+            break;
+
+        default:
+            rc = NGX_AGAIN;
+            break;
+        }
+
+        if (rc == NGX_DONE) {
+            return;
+        }
+
+        if (rc == NGX_OK) {
+            continue;
+        }
+
+        /* NGX_AGAIN: wait for input, a backend or the client */
+
+        if (ctx->state == ngx_smtp_ext_cmd
+            || ctx->state == ngx_smtp_ext_data)
+        {
+            rc = ngx_mail_smtp_ext_read(s);
+
+            if (rc == NGX_DONE) {
+                return;
+            }
+
+            if (rc == NGX_OK) {
+                continue;
+            }
+
+            if (!c->read->timer_set) {
+                cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+                ngx_add_timer(c->read, cscf->timeout);
+            }
+        }
+
+        if (ngx_mail_smtp_ext_flush(s) == NGX_DONE) {
+            return;
+        }
+
+        if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+            ngx_mail_smtp_ext_close(s, NULL);
+        }
+
+        return;
+    }
+}
+
+
+/* NGX_OK: new input; NGX_AGAIN: none yet; NGX_DONE: session closed */
+
+static ngx_int_t
+ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
+{
+    size_t                     len;
+    ssize_t                    n;
+    ngx_buf_t                 *b;
+    ngx_connection_t          *c;
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_core_srv_conf_t  *cscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->state == ngx_smtp_ext_cmd) {
+        ngx_mail_smtp_ext_data_buffer_release(s);
+    }
+
+    b = s->buffer;
+
+    if (b->pos == b->last) {
+        b->pos = b->start;
+        b->last = b->start;
+
+    } else if (b->pos != b->start) {
+        len = b->last - b->pos;
+        ngx_memmove(b->start, b->pos, len);
+        b->pos = b->start;
+        b->last = b->start + len;
+    }
+
+    if (b->last == b->end) {
+        /* cannot happen: a full buffer always holds a command */
+        return NGX_AGAIN;
+    }
+
+    if (!c->read->ready) {
+        return NGX_AGAIN;
+    }
+
+    n = c->recv(c, b->last, b->end - b->last);
+
+    if (n == NGX_AGAIN) {
+        return NGX_AGAIN;
+    }
+
+    if (n == NGX_ERROR || n == 0) {
+
+        if (ctx->state == ngx_smtp_ext_data) {
+            ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                          "client closed the connection in DATA");
+
+            /* the backend must never see an end of this message */
+            ngx_mail_smtp_ext_relay_close(s, 0);
+        }
+
+        ngx_mail_smtp_ext_close(s, NULL);
+        return NGX_DONE;
+    }
+
+    b->last += n;
+
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+    ngx_add_timer(c->read, cscf->timeout);
+
+    return NGX_OK;
+}
+
+
+/* executes one buffered command line; NGX_AGAIN if none is complete */
+
+static ngx_int_t
+ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
+{
+    int                       rc;
+    ngx_buf_t                *b;
+    ngx_smtp_line_t           line;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = s->buffer;
+
+    if (ctx->skip_line) {
+        /* the rest of an overlong line: drop it up to its LF */
+
+        rc = ngx_smtp_find_line(b->pos, b->last, b->last - b->pos + 1,
+                                &line);
+        if (rc == NGX_SMTP_AGAIN) {
+            b->pos = b->last;
+            return NGX_AGAIN;
+        }
+
+        b->pos += line.consumed;
+        ctx->skip_line = 0;
+
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_too_long);
+    }
+
+    rc = ngx_smtp_find_line(b->pos, b->last, NGX_SMTP_MAX_LINE, &line);
+
+    if (rc == NGX_SMTP_AGAIN) {
+        return NGX_AGAIN;
+    }
+
+    if (rc == NGX_SMTP_LINE_TOO_LONG) {
+        b->pos += line.consumed;
+
+        if (line.len == 0) {
+            ctx->skip_line = 1;
+            return NGX_OK;
+        }
+
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_too_long);
+    }
+
+    b->pos += line.consumed;
+
+    return ngx_mail_smtp_ext_execute(s, line.start, line.len);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
+{
+    int                       rc;
+    ngx_smtp_cmd_t            cmd;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    rc = ngx_smtp_parse_command(line, len, &cmd);
+
+    switch (rc) {
+
+    case NGX_SMTP_OK:
+        break;
+
+    case NGX_SMTP_E_UNKNOWN:
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_unknown);
+
+    case NGX_SMTP_E_PARAM:
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_param);
+
+    case NGX_SMTP_E_UTF8:
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_utf8);
+
+    default:
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_syntax);
+    }
+
+    switch (cmd.cmd) {
+
+    case NGX_SMTP_CMD_HELO:
+    case NGX_SMTP_CMD_EHLO:
+        return ngx_mail_smtp_ext_helo(s, &cmd);
+
+    case NGX_SMTP_CMD_MAIL:
+        return ngx_mail_smtp_ext_mail(s, &cmd);
+
+    case NGX_SMTP_CMD_RCPT:
+        return ngx_mail_smtp_ext_rcpt(s, &cmd);
+
+    case NGX_SMTP_CMD_DATA:
+        return ngx_mail_smtp_ext_data(s);
+
+    case NGX_SMTP_CMD_RSET:
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_reset(s);
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_ok);
+
+    case NGX_SMTP_CMD_NOOP:
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_ok);
+
+    case NGX_SMTP_CMD_QUIT:
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_close(s, 1);
+        ctx->quit = 1;
+        ctx->state = ngx_smtp_ext_closing;
+        (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_bye);
+        return NGX_AGAIN;
+
+    case NGX_SMTP_CMD_VRFY:
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_vrfy);
+
+    case NGX_SMTP_CMD_HELP:
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_help);
+
+    case NGX_SMTP_CMD_STARTTLS:
+        return ngx_mail_smtp_ext_starttls(s);
+
+    case NGX_SMTP_CMD_AUTH:
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_no_auth);
+
+    default:
+        /* EXPN, BDAT: known, not offered */
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+    }
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
+{
+    ngx_str_t                     *reply;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+#if (NGX_MAIL_SSL)
+    ngx_mail_ssl_conf_t           *sslcf;
+#endif
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    if (cmd->arg.len > NGX_MAIL_SMTP_EXT_HELO_MAX) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_syntax);
+    }
+
+    /* a new HELO resets the session (RFC 5321 4.1.4) */
+
+    ngx_mail_smtp_ext_end_tx(s);
+
+    if (ctx->greeted) {
+        /* the backend knows the old HELO through XCLIENT */
+        ngx_mail_smtp_ext_relay_close(s, 1);
+    }
+
+    ngx_memcpy(ctx->helo, cmd->arg.data, cmd->arg.len);
+    ctx->helo_len = cmd->arg.len;
+    ctx->greeted = 1;
+
+    if (cmd->cmd == NGX_SMTP_CMD_HELO) {
+        s->esmtp = 0;
+        return ngx_mail_smtp_ext_out(s, &sscf->helo);
+    }
+
+    s->esmtp = 1;
+    reply = &sscf->ehlo;
+
+#if (NGX_MAIL_SSL)
+    sslcf = ngx_mail_get_module_srv_conf(s, ngx_mail_ssl_module);
+
+    if (c->ssl == NULL && sslcf->starttls != NGX_MAIL_STARTTLS_OFF) {
+        reply = &sscf->ehlo_starttls;
+    }
+#else
+    (void) c;
+#endif
+
+    return ngx_mail_smtp_ext_out(s, reply);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
+{
+    u_char                        *p;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->greeted) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_helo);
+    }
+
+#if (NGX_MAIL_SSL)
+    if (ngx_mail_starttls_only(s, c)) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_tls);
+    }
+#endif
+
+    if (ctx->in_tx) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_nested);
+    }
+
+    if (cmd->size > sscf->max_message_size) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_too_big);
+    }
+
+    ctx->tpool = ngx_create_pool(1024, c->log);
+    if (ctx->tpool == NULL) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+    }
+
+    /* the line for the backend: parameters are added per backend */
+
+    p = ngx_pnalloc(ctx->tpool, sizeof("MAIL FROM:<>") - 1 + cmd->path.len);
+    if (p == NULL) {
+        ngx_destroy_pool(ctx->tpool);
+        ctx->tpool = NULL;
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+    }
+
+    ctx->mail_cmd.data = p;
+    p = ngx_cpymem(p, "MAIL FROM:<", sizeof("MAIL FROM:<") - 1);
+    ctx->from.data = p;
+    ctx->from.len = cmd->path.len;
+    p = ngx_cpymem(p, cmd->path.data, cmd->path.len);
+    *p++ = '>';
+    ctx->mail_cmd.len = p - ctx->mail_cmd.data;
+
+    ctx->size = cmd->size;
+    ctx->body8 = (cmd->body == NGX_SMTP_BODY_8BITMIME);
+    ctx->smtputf8 = cmd->smtputf8;
+    ctx->rcpts = 0;
+    ctx->rcpts_tried = 0;
+    ctx->route = NULL;
+    ctx->last_code = 250;
+    ctx->start = ngx_current_msec;
+    ctx->in_tx = 1;
+
+    return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_mail_ok);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
+{
+    ngx_int_t                      rc;
+    ngx_str_t                     *rcpt;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_pool_t      *pool;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->in_tx) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_mail);
+    }
+
+    if (cmd->utf8_path && !ctx->smtputf8) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_utf8);
+    }
+
+    if (ctx->rcpts >= sscf->max_recipients) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_too_many);
+    }
+
+    ctx->rcpts_tried++;
+
+    /* without Redis every recipient goes to smtp_ext_pass */
+
+    pool = sscf->pass;
+
+    if (ctx->route && ctx->route != pool) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_elsewhere);
+    }
+
+    rcpt = ngx_palloc(ctx->tpool, sizeof(ngx_str_t));
+    if (rcpt == NULL) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+    }
+
+    rcpt->len = cmd->path.len;
+    rcpt->data = ngx_pstrdup(ctx->tpool, (ngx_str_t *) &cmd->path);
+    if (rcpt->data == NULL) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+    }
+
+    ctx->pending_rcpt = rcpt;
+    ctx->pending_route = pool;
+
+    if (ngx_mail_smtp_ext_relay_usable(s, pool)) {
+        ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
+        ngx_mail_smtp_ext_relay_rcpt(s, rcpt);
+        return NGX_AGAIN;
+    }
+
+    ngx_mail_smtp_ext_relay_close(s, 1);
+
+    rc = ngx_mail_smtp_ext_relay_open(s, pool);
+
+    if (rc == NGX_ERROR) {
+        ctx->last_code = 451;
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_backend);
+    }
+
+    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_OPEN);
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->in_tx) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_mail_data);
+    }
+
+    if (ctx->rcpts == 0) {
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_rcpts);
+    }
+
+    if (!ngx_mail_smtp_ext_relay_usable(s, ctx->route)) {
+        /* the backend that took the recipients is gone */
+        ctx->last_code = 451;
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_close(s, 0);
+        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+    }
+
+    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DATA);
+    ngx_mail_smtp_ext_relay_data(s);
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
+{
+#if (NGX_MAIL_SSL)
+    ngx_connection_t         *c;
+    ngx_mail_ssl_conf_t      *sslcf;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (c->ssl) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_in_tls);
+    }
+
+    sslcf = ngx_mail_get_module_srv_conf(s, ngx_mail_ssl_module);
+
+    if (sslcf->starttls == NGX_MAIL_STARTTLS_OFF) {
+        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+    }
+
+    /* RFC 3207: forget everything; drop what was pipelined after it */
+
+    ngx_mail_smtp_ext_end_tx(s);
+    ngx_mail_smtp_ext_relay_close(s, 1);
+
+    ctx->greeted = 0;
+    ctx->helo_len = 0;
+    s->esmtp = 0;
+
+    s->buffer->pos = s->buffer->start;
+    s->buffer->last = s->buffer->start;
+
+    (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_tls_ready);
+
+    ctx->state = ngx_smtp_ext_starttls;
+    c->read->handler = ngx_mail_starttls_handler;
+
+    return NGX_AGAIN;
+#else
+    return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+#endif
+}
+
+
+/*
+ * DATA: scans the client's input into the relay's buffer and sends it.
+ * NGX_OK: go on; NGX_AGAIN: needs input, or waits for the backend;
+ * NGX_DONE: the session is closed.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
+{
+    int                       rc;
+    size_t                    in_used, out_used;
+    ngx_int_t                 n;
+    ngx_buf_t                *b, *ob;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    scratch[NGX_SMTP_MAX_LINE];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = s->buffer;
+
+    ob = ctx->data_failed ? NULL : ngx_mail_smtp_ext_relay_body_buf(s);
+
+    if (ob == NULL && !ctx->data_failed) {
+        ctx->data_failed = 1;
+        ngx_mail_smtp_ext_relay_close(s, 0);
+    }
+
+    while (b->pos < b->last) {
+
+        if (ob) {
+            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
+                                    ob->last, ob->end, &in_used, &out_used);
+            ob->last += out_used;
+
+        } else {
+            /* discarding: scan only to find the end of data */
+            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
+                                    scratch, scratch + sizeof(scratch),
+                                    &in_used, &out_used);
+        }
+
+        b->pos += in_used;
+
+        if (ob && (ctx->data.bare || ctx->data.too_big)) {
+            /* no end of data may ever reach the backend */
+            ctx->data_failed = 1;
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ob = NULL;
+        }
+
+        if (rc == NGX_SMTP_OK) {
+            return ngx_mail_smtp_ext_body_end(s);
+        }
+
+        if (ob && ob->last == ob->end) {
+            break;
+        }
+    }
+
+    if (ob == NULL || ob->last == ob->pos) {
+        return NGX_AGAIN;
+    }
+
+    n = ngx_mail_smtp_ext_relay_body(s, 0);
+
+    if (n == NGX_OK) {
+        return (b->pos < b->last) ? NGX_OK : NGX_AGAIN;
+    }
+
+    if (n == NGX_ERROR) {
+        ctx->data_failed = 1;
+        return NGX_OK;
+    }
+
+    /* the backend does not keep up: stop reading until it does */
+
+    ctx->state = ngx_smtp_ext_data_wait;
+    ctx->step = 0;
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
+{
+    ngx_int_t                 n;
+    ngx_str_t                *reply;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->data_failed) {
+        n = ngx_mail_smtp_ext_relay_body(s, 1);
+
+        if (n != NGX_ERROR) {
+            /* the final reply comes through ngx_mail_smtp_ext_relay_done */
+            ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DOT);
+            return NGX_AGAIN;
+        }
+    }
+
+    if (ctx->data.too_big) {
+        reply = &ngx_smtp_ext_too_big;
+        ctx->last_code = 552;
+
+    } else if (ctx->data.bare) {
+        reply = &ngx_smtp_ext_bare;
+        ctx->last_code = 550;
+
+    } else {
+        reply = &ngx_smtp_ext_backend_lost;
+        ctx->last_code = 451;
+    }
+
+    ngx_mail_smtp_ext_relay_close(s, 0);
+    ngx_mail_smtp_ext_data_done(s);
+
+    return ngx_mail_smtp_ext_out(s, reply);
+}
+
+
+/* the relay drained its buffer (or failed) while the client waited */
+
+void
+ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->state != ngx_smtp_ext_data_wait || ctx->step != 0) {
+        return;
+    }
+
+    ctx->state = ngx_smtp_ext_data;
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+void
+ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
+    ngx_uint_t code, u_char *reply, size_t len)
+{
+    ngx_uint_t                     step;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    step = ctx->step;
+    ctx->step = 0;
+    ctx->state = ngx_smtp_ext_cmd;
+
+    switch (step) {
+
+    case NGX_SMTP_EXT_STEP_OPEN:
+        if (rc != NGX_OK) {
+            ctx->last_code = 451;
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_backend);
+            break;
+        }
+
+        ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
+        ngx_mail_smtp_ext_relay_rcpt(s, ctx->pending_rcpt);
+        return;
+
+    case NGX_SMTP_EXT_STEP_RCPT:
+        if (rc != NGX_OK) {
+            ctx->last_code = 451;
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+            break;
+        }
+
+        if (code / 100 == 2) {
+            ctx->rcpts++;
+            ctx->route = ctx->pending_route;
+        }
+
+        ngx_mail_smtp_ext_out_backend(s, reply, len);
+        break;
+
+    case NGX_SMTP_EXT_STEP_DATA:
+        if (rc != NGX_OK) {
+            ctx->last_code = 451;
+            ngx_mail_smtp_ext_end_tx(s);
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+            break;
+        }
+
+        if (code != 354) {
+            ctx->last_code = code;
+            ngx_mail_smtp_ext_out_backend(s, reply, len);
+            break;
+        }
+
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+        ngx_memzero(&ctx->data, sizeof(ngx_smtp_data_t));
+        ctx->data.max_size = sscf->max_message_size;
+        ctx->data.reject = (sscf->bare_lf == NGX_SMTP_BARE_LF_REJECT);
+        ctx->data_failed = 0;
+
+        if (ngx_mail_smtp_ext_data_buffer(s) != NGX_OK) {
+            ctx->last_code = 451;
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ngx_mail_smtp_ext_end_tx(s);
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+            break;
+        }
+
+        (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_go_ahead);
+
+        ctx->state = ngx_smtp_ext_data;
+
+        if (ngx_mail_smtp_ext_flush(s) == NGX_DONE) {
+            return;
+        }
+
+        break;
+
+    case NGX_SMTP_EXT_STEP_DOT:
+        if (rc != NGX_OK) {
+            ctx->last_code = 451;
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+
+        } else {
+            ctx->last_code = code;
+            ngx_mail_smtp_ext_out_backend(s, reply, len);
+        }
+
+        ngx_mail_smtp_ext_data_done(s);
+        break;
+
+    default:
+        /* a body write finished while no step was pending */
+        return;
+    }
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+static void
+ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_cmd;
+    ngx_mail_smtp_ext_end_tx(s);
+    ngx_mail_smtp_ext_data_buffer_release(s);
+}
+
+
+/*
+ * DATA reads into a larger buffer of its own, taken from the heap only
+ * while needed so that idle sessions stay small.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s)
+{
+    size_t                    len;
+    ngx_buf_t                *b;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (s->buffer == &ctx->dbuf) {
+        return NGX_OK;
+    }
+
+    b = &ctx->dbuf;
+
+    b->start = ngx_alloc(NGX_MAIL_SMTP_EXT_DATA_IN_BUF, s->connection->log);
+    if (b->start == NULL) {
+        return NGX_ERROR;
+    }
+
+    len = s->buffer->last - s->buffer->pos;
+
+    b->end = b->start + NGX_MAIL_SMTP_EXT_DATA_IN_BUF;
+    b->pos = b->start;
+    b->last = ngx_cpymem(b->start, s->buffer->pos, len);
+    b->temporary = 1;
+
+    ctx->cmdbuf = s->buffer;
+    s->buffer = b;
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s)
+{
+    size_t                    len;
+    ngx_buf_t                *b;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = &ctx->dbuf;
+
+    if (s->buffer != b) {
+        return;
+    }
+
+    len = b->last - b->pos;
+
+    if (len > (size_t) (ctx->cmdbuf->end - ctx->cmdbuf->start)) {
+        /* pipelined commands after the dot: keep it until they are read */
+        return;
+    }
+
+    ctx->cmdbuf->pos = ctx->cmdbuf->start;
+    ctx->cmdbuf->last = ngx_cpymem(ctx->cmdbuf->start, b->pos, len);
+    s->buffer = ctx->cmdbuf;
+
+    ngx_free(b->start);
+    b->start = NULL;
+}
+
+
+static void
+ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->in_tx) {
+        return;
+    }
+
+    ngx_mail_smtp_ext_log_tx(s);
+
+    ctx->in_tx = 0;
+    ctx->rcpts = 0;
+    ctx->rcpts_tried = 0;
+    ctx->route = NULL;
+    ctx->size = -1;
+    ctx->pending_rcpt = NULL;
+    ctx->data.size = 0;
+
+    if (ctx->tpool) {
+        ngx_destroy_pool(ctx->tpool);
+        ctx->tpool = NULL;
+    }
+}
+
+
+/* SPEC 7: one line per transaction */
+
+static void
+ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s)
+{
+    ngx_str_t                *backend, none, helo;
+    ngx_msec_int_t            ms;
+    ngx_connection_t         *c;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_str_set(&none, "-");
+
+    backend = ngx_mail_smtp_ext_relay_peer_name(s);
+    if (backend == NULL) {
+        backend = &none;
+    }
+
+    helo.data = ctx->helo;
+    helo.len = ctx->helo_len;
+
+    ms = (ngx_msec_int_t) (ngx_current_msec - ctx->start);
+    if (ms < 0) {
+        ms = 0;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                  "smtp_ext: client=%V helo=\"%V\" login=\"%V\" from=<%V> "
+                  "rcpts=%ui route=%V backend=%V size=%O reply=%ui "
+                  "duration=%T.%03Ms",
+                  &c->addr_text, &helo, s->login.len ? &s->login : &none,
+                  &ctx->from, ctx->rcpts,
+                  ctx->route ? &ctx->route->name : &none, backend,
+                  ctx->data.size, ctx->last_code,
+                  (time_t) ms / 1000, ms % 1000);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_error(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+
+    s->errors++;
+
+    if (cscf->max_errors && s->errors >= cscf->max_errors) {
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+        ngx_log_error(NGX_LOG_INFO, s->connection->log, 0,
+                      "client sent too many invalid commands");
+
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_close(s, 1);
+
+        ctx->state = ngx_smtp_ext_closing;
+        (void) ngx_mail_smtp_ext_out(s, &sscf->too_many_errors);
+
+        return NGX_AGAIN;
+    }
+
+    return ngx_mail_smtp_ext_out(s, reply);
+}
+
+
+/* queues a reply; NGX_OK so that the command loop goes on */
+
+static ngx_int_t
+ngx_mail_smtp_ext_out(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if ((size_t) (ctx->out->end - ctx->out->last) < reply->len) {
+        /* the loop flushes before the buffer gets this full */
+        ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
+                      "smtp_ext: reply buffer full");
+        return NGX_OK;
+    }
+
+    ctx->out->last = ngx_cpymem(ctx->out->last, reply->data, reply->len);
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
+    size_t len)
+{
+    u_char                   *p, *last;
+    size_t                    room, lines;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    line[NGX_SMTP_MAX_LINE];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    room = ctx->out->end - ctx->out->last;
+    last = reply + len;
+
+    lines = 0;
+    for (p = reply; p < last; p++) {
+        if (*p == LF) {
+            lines++;
+        }
+    }
+
+    if (len + 6 * lines > room) {
+
+        /* too long for the reply buffer: the final line, shortened */
+
+        for (p = last - 1; p > reply && *(p - 1) != LF; p--) {
+            /* void */
+        }
+
+        len = ngx_min((size_t) (last - p),
+                      ngx_min(room, sizeof(line)) - 8);
+
+        p = ngx_cpymem(line, p, len);
+
+        if (len < 5) {
+            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+            return;
+        }
+
+        if (p[-1] != LF) {
+            p[-2] = CR;
+            p[-1] = LF;
+        }
+
+        reply = line;
+        len = p - line;
+    }
+
+    ctx->out->last += ngx_smtp_copy_reply(ctx->out->last, reply, len);
+}
+
+
+static void
+ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step)
+{
+    ngx_connection_t         *c;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_wait;
+    ctx->step = step;
+
+    /* the backend's timeouts apply now, not the client's */
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+}
+
+
+/*
+ * Sends queued replies.  NGX_OK: all sent; NGX_AGAIN: the rest waits for
+ * the write event; NGX_DONE: the session was closed.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_flush(ngx_mail_session_t *s)
+{
+    ssize_t                    n;
+    ngx_buf_t                 *b;
+    ngx_connection_t          *c;
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_core_srv_conf_t  *cscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = ctx->out;
+
+    while (b->pos < b->last) {
+
+        n = c->send(c, b->pos, b->last - b->pos);
+
+        if (n == NGX_ERROR) {
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ngx_mail_smtp_ext_close(s, NULL);
+            return NGX_DONE;
+        }
+
+        if (n == NGX_AGAIN || n == 0) {
+            ctx->out_blocked = 1;
+
+            cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+            ngx_add_timer(c->write, cscf->timeout);
+
+            if (ngx_handle_write_event(c->write, 0) != NGX_OK) {
+                ngx_mail_smtp_ext_close(s, NULL);
+                return NGX_DONE;
+            }
+
+            return NGX_AGAIN;
+        }
+
+        b->pos += n;
+    }
+
+    b->pos = b->start;
+    b->last = b->start;
+    ctx->out_blocked = 0;
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    if (ctx->state == ngx_smtp_ext_closing) {
+        ngx_mail_smtp_ext_close(s, NULL);
+        return NGX_DONE;
+    }
+
+    return NGX_OK;
+}
+
+
+static void
+ngx_mail_smtp_ext_write_handler(ngx_event_t *wev)
+{
+    ngx_connection_t         *c;
+    ngx_mail_session_t       *s;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = wev->data;
+    s = c->data;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (wev->timedout) {
+        ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
+                      "client timed out");
+        c->timedout = 1;
+        ngx_mail_smtp_ext_relay_close(s, 0);
+        ngx_mail_smtp_ext_close(s, NULL);
+        return;
+    }
+
+    if (!ctx->out_blocked) {
+        return;
+    }
+
+    if (ngx_mail_smtp_ext_flush(s) != NGX_OK) {
+        return;
+    }
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+/* closes the client connection, after a last reply if one is given */
+
+static void
+ngx_mail_smtp_ext_close(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_connection_t         *c;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (reply) {
+        ctx->out_blocked = 0;
+        ctx->state = ngx_smtp_ext_closing;
+        (void) ngx_mail_smtp_ext_out(s, reply);
+
+        if (ngx_mail_smtp_ext_flush(s) != NGX_AGAIN) {
+            return;
+        }
+
+        /* no more waiting for a client that does not read */
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    ngx_mail_close_connection(c);
+}
+
+
+/* the session's pool dies: end the transaction and the backend with it */
+
+static void
+ngx_mail_smtp_ext_cleanup(void *data)
+{
+    ngx_mail_session_t  *s = data;
+
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx == NULL) {
+        return;
+    }
+
+    if (ctx->in_tx) {
+        /* the client left before the transaction ended */
+        ctx->last_code = 0;
+    }
+
+    ngx_mail_smtp_ext_end_tx(s);
+
+    if (ctx->dbuf.start) {
+        ngx_free(ctx->dbuf.start);
+        ctx->dbuf.start = NULL;
+    }
+
+    ngx_mail_smtp_ext_relay_close(s, ctx->state == ngx_smtp_ext_cmd
+                                     || ctx->state == ngx_smtp_ext_closing);
+}

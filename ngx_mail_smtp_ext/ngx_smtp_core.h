@@ -1,0 +1,287 @@
+
+/*
+ * Copyright (C) ngx_mail_smtp_ext developers
+ */
+
+
+/*
+ * The SMTP protocol core: command parsing, backend reply parsing, reply
+ * helpers and the DATA scanner.  It does no I/O, allocates nothing and
+ * includes no nginx header, so that it can be unit-tested and fuzzed on
+ * its own (see t/unit and fuzz/).  The nginx glue calls it with buffers
+ * it owns.
+ */
+
+
+#ifndef _NGX_SMTP_CORE_H_INCLUDED_
+#define _NGX_SMTP_CORE_H_INCLUDED_
+
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+
+/*
+ * Strict ISO modes (-std=c99) hide glibc's u_char; nginx builds and
+ * _DEFAULT_SOURCE builds get it from <sys/types.h> as usual.
+ */
+#if defined(__GLIBC__) && !defined(__u_char_defined)
+typedef unsigned char  u_char;
+#endif
+
+
+#define NGX_SMTP_OK                 0
+#define NGX_SMTP_ERROR             -1
+#define NGX_SMTP_AGAIN             -2
+
+
+/* RFC 5321 4.5.3.1.4: command line including CRLF */
+#define NGX_SMTP_MAX_LINE           512
+
+
+/* same layout as ngx_str_t, so that the glue may cast */
+typedef struct {
+    size_t                  len;
+    u_char                 *data;
+} ngx_smtp_str_t;
+
+
+/* line splitter: finds one command line in client input */
+
+typedef struct {
+    u_char                 *start;      /* first byte of the line */
+    size_t                  len;        /* without the line terminator */
+    size_t                  consumed;   /* bytes up to and including LF */
+} ngx_smtp_line_t;
+
+/*
+ * Looks for LF in [p, last).  A line ends at LF; a CR right before it is
+ * stripped (bare LF is tolerated in commands, not in DATA).
+ *   NGX_SMTP_OK               line found, *line filled
+ *   NGX_SMTP_AGAIN            no LF yet and (last - p) < max
+ *   NGX_SMTP_LINE_TOO_LONG    the line (with its CRLF) exceeds max octets;
+ *                             line->consumed = bytes to drop: up to and
+ *                             including the LF if one was seen, else all;
+ *                             line->len = 1 if the LF was seen, else 0
+ */
+#define NGX_SMTP_LINE_TOO_LONG      1
+
+int ngx_smtp_find_line(u_char *p, u_char *last, size_t max,
+    ngx_smtp_line_t *line);
+
+
+/* commands */
+
+typedef enum {
+    NGX_SMTP_CMD_UNKNOWN = 0,
+    NGX_SMTP_CMD_HELO,
+    NGX_SMTP_CMD_EHLO,
+    NGX_SMTP_CMD_MAIL,
+    NGX_SMTP_CMD_RCPT,
+    NGX_SMTP_CMD_DATA,
+    NGX_SMTP_CMD_RSET,
+    NGX_SMTP_CMD_NOOP,
+    NGX_SMTP_CMD_QUIT,
+    NGX_SMTP_CMD_VRFY,
+    NGX_SMTP_CMD_EXPN,
+    NGX_SMTP_CMD_HELP,
+    NGX_SMTP_CMD_STARTTLS,
+    NGX_SMTP_CMD_AUTH,
+    NGX_SMTP_CMD_BDAT
+} ngx_smtp_cmd_e;
+
+
+#define NGX_SMTP_BODY_NONE          0
+#define NGX_SMTP_BODY_7BIT          1
+#define NGX_SMTP_BODY_8BITMIME      2
+
+
+typedef struct {
+    ngx_smtp_cmd_e          cmd;
+
+    /*
+     * everything after the verb and the spaces that follow it, trailing
+     * spaces removed (HELO/EHLO domain, VRFY/HELP argument, AUTH
+     * mechanism and initial response)
+     */
+    ngx_smtp_str_t          arg;
+
+    /* MAIL and RCPT */
+    ngx_smtp_str_t          path;       /* reverse/forward path without
+                                           "<" ">" and without a source
+                                           route; empty for "<>" */
+    ngx_smtp_str_t          params;     /* raw parameters after ">",
+                                           leading spaces removed */
+    off_t                   size;       /* SIZE=, -1 if absent */
+    ngx_smtp_str_t          auth;       /* AUTH= value, raw xtext */
+    unsigned                body:2;     /* NGX_SMTP_BODY_* */
+    unsigned                smtputf8:1;
+    unsigned                utf8_path:1;  /* path has octets >= 0x80 */
+    unsigned                null_path:1;  /* "<>" */
+
+    /* AUTH: mechanism (upper-cased copy not made: compare caseless) */
+    ngx_smtp_str_t          mech;
+    ngx_smtp_str_t          initial;    /* initial response, may be "=" */
+} ngx_smtp_cmd_t;
+
+
+/*
+ * Parses one command line (without CRLF, as found by ngx_smtp_find_line).
+ * Verbs are caseless.  Results:
+ *   NGX_SMTP_OK               cmd filled
+ *   NGX_SMTP_E_UNKNOWN        unknown verb                  500 5.5.2
+ *   NGX_SMTP_E_SYNTAX         bad arguments, a NUL or other
+ *                             control octet in the line     501 5.5.4
+ *   NGX_SMTP_E_PARAM          unknown or bad MAIL/RCPT
+ *                             parameter                     555 5.5.4
+ *   NGX_SMTP_E_UTF8           8-bit path without SMTPUTF8   553 5.6.7
+ *
+ * Rules:
+ *   HELO/EHLO need one argument (a domain or address literal; any
+ *   printable text is accepted, as Postfix does by default).
+ *   MAIL needs "FROM:" and RCPT "TO:" (caseless, spaces allowed after the
+ *   colon), then a path in angle brackets; "<>" only for MAIL; RCPT also
+ *   takes "<postmaster>" (no domain); a source route "@a,@b:" is dropped.
+ *   Local part: dot-string or quoted string; domain: dot-separated
+ *   labels (letters, digits, '-') or an address literal "[...]".
+ *   MAIL parameters: SIZE=digits, BODY=7BIT|8BITMIME, SMTPUTF8 (no value),
+ *   AUTH=xtext.  RCPT parameters: none.  Each may appear once.
+ *   DATA, RSET, QUIT, STARTTLS take no argument (501 otherwise); NOOP,
+ *   HELP and VRFY take any; AUTH needs a mechanism (an optional initial
+ *   response follows a single space).
+ */
+#define NGX_SMTP_E_UNKNOWN          1
+#define NGX_SMTP_E_SYNTAX           2
+#define NGX_SMTP_E_PARAM            3
+#define NGX_SMTP_E_UTF8             4
+
+int ngx_smtp_parse_command(u_char *line, size_t len, ngx_smtp_cmd_t *cmd);
+
+
+/* backend replies */
+
+typedef struct {
+    /* state between calls, zero before the first call */
+    size_t                  scanned;
+
+    /* results */
+    unsigned                code;       /* 3 digits, e.g. 250 */
+    size_t                  len;        /* octets of the whole reply,
+                                           every line with its CRLF */
+    unsigned                lines;
+} ngx_smtp_reply_t;
+
+/*
+ * Looks for one complete, possibly multiline, reply at p.
+ *   NGX_SMTP_OK       reply complete: [p, p + r->len)
+ *   NGX_SMTP_AGAIN    need more input (r->scanned remembers progress;
+ *                     p must stay the start of the reply)
+ *   NGX_SMTP_ERROR    not an SMTP reply: a line without 3 digits and
+ *                     ' ' or '-' (a bare 3-digit line counts as final),
+ *                     codes that differ between lines, a line longer than
+ *                     max octets, or a NUL
+ */
+int ngx_smtp_parse_reply(u_char *p, u_char *last, size_t max,
+    ngx_smtp_reply_t *r);
+
+
+/* EHLO keywords of a backend, from its complete reply */
+
+#define NGX_SMTP_CAP_PIPELINING     0x0001
+#define NGX_SMTP_CAP_SIZE           0x0002
+#define NGX_SMTP_CAP_8BITMIME       0x0004
+#define NGX_SMTP_CAP_SMTPUTF8       0x0008
+#define NGX_SMTP_CAP_STARTTLS       0x0010
+#define NGX_SMTP_CAP_XCLIENT        0x0020
+#define NGX_SMTP_CAP_ENHANCED       0x0040
+#define NGX_SMTP_CAP_CHUNKING       0x0080
+#define NGX_SMTP_CAP_DSN            0x0100
+#define NGX_SMTP_CAP_AUTH           0x0200
+
+/* XCLIENT attributes a backend lists after the XCLIENT keyword */
+#define NGX_SMTP_XCLIENT_NAME       0x0001
+#define NGX_SMTP_XCLIENT_ADDR       0x0002
+#define NGX_SMTP_XCLIENT_PORT       0x0004
+#define NGX_SMTP_XCLIENT_PROTO      0x0008
+#define NGX_SMTP_XCLIENT_HELO       0x0010
+#define NGX_SMTP_XCLIENT_LOGIN      0x0020
+#define NGX_SMTP_XCLIENT_REVERSE_NAME  0x0040
+#define NGX_SMTP_XCLIENT_DESTADDR   0x0080
+#define NGX_SMTP_XCLIENT_DESTPORT   0x0100
+
+typedef struct {
+    unsigned                caps;       /* NGX_SMTP_CAP_* */
+    unsigned                xclient;    /* NGX_SMTP_XCLIENT_* */
+    off_t                   size;       /* SIZE n, 0 if none or no limit */
+} ngx_smtp_ehlo_t;
+
+/* reply as returned by ngx_smtp_parse_reply; keywords are caseless */
+void ngx_smtp_parse_ehlo(u_char *p, size_t len, ngx_smtp_ehlo_t *ehlo);
+
+
+/*
+ * Copies a complete backend reply [p, p + len) to dst so that every line
+ * carries an enhanced status code (RFC 3463): lines that have one keep
+ * it, lines that have none get "C.0.0 " with C the code's first digit.
+ * Control octets other than CR LF are replaced with '?'.  Returns the
+ * octets written; dst must hold len + 6 * lines octets.
+ */
+size_t ngx_smtp_copy_reply(u_char *dst, u_char *p, size_t len);
+
+
+/*
+ * xtext (RFC 3461 4): '+', '=', octets below '!' or above '~' become
+ * "+XX".  With dst == NULL returns the encoded length only.
+ */
+size_t ngx_smtp_xtext_encode(u_char *dst, u_char *src, size_t len);
+
+
+/* the DATA scanner */
+
+#define NGX_SMTP_BARE_LF_NORMALIZE  0
+#define NGX_SMTP_BARE_LF_REJECT     1
+
+typedef struct {
+    /* configuration, set before the first call */
+    off_t                   max_size;   /* 0: no limit */
+    unsigned                reject:1;   /* NGX_SMTP_BARE_LF_REJECT */
+
+    /* state: zero the rest before the first call */
+    unsigned                state;
+    off_t                   size;       /* message octets seen, counted
+                                           as sent to the backend */
+    unsigned                bare:1;     /* a bare CR or LF was seen */
+    unsigned                too_big:1;  /* size went over max_size */
+} ngx_smtp_data_t;
+
+/*
+ * Scans DATA input from the client in [in, in_last) and writes what the
+ * backend must receive to [out, out_last).  The input is the dot-stuffed
+ * wire form; the output is too, so the glue sends it as it is.
+ *
+ * - End of data is CRLF "." CRLF only; the DATA command's own CRLF counts
+ *   as the CRLF before the first line.  The final ".\r\n" is written to
+ *   the output only when the message is good (not bare in reject mode,
+ *   not too big).
+ * - normalize: a bare LF or a bare CR becomes CRLF in the output.  A line
+ *   that would then read "." alone in the output without being the end of
+ *   data (it started after a bare line ending or ends with one) is written
+ *   as ".." so that the backend can never see an end of data that the
+ *   scanner did not see.
+ * - reject: at the first bare CR or LF, d->bare is set and nothing more is
+ *   written; input is still consumed up to the end of data.
+ * - when d->size goes over max_size, d->too_big is set and nothing more is
+ *   written; input is still consumed up to the end of data.
+ *
+ * Returns NGX_SMTP_AGAIN when all input was consumed (or out is full: the
+ * glue tells by *in_used < in_last - in) and NGX_SMTP_OK at the end of
+ * data.  *in_used and *out_used give the octets consumed and written.
+ * The scanner stops before writing past out_last; out must have room for
+ * at least 8 octets for progress to be guaranteed.
+ */
+int ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
+    u_char *out, u_char *out_last, size_t *in_used, size_t *out_used);
+
+
+#endif /* _NGX_SMTP_CORE_H_INCLUDED_ */

@@ -1,0 +1,315 @@
+
+/*
+ * Copyright (C) ngx_mail_smtp_ext developers
+ */
+
+
+/*
+ * The DATA scanner.  It is the SMTP smuggling boundary: the backend must
+ * never see an end of data ("\r\n.\r\n" on the wire) that the scanner did
+ * not see.  Input lines end with CRLF, a bare LF, or a bare CR (a CR not
+ * followed by LF); every output line ends with CRLF.  A line is written
+ * as it came (dot-stuffing included) except for one case: a line that is
+ * "." alone but is not the end of data, because it started after a bare
+ * line ending or ends with one, is written as "..", which the backend
+ * reads as a line holding a single dot.
+ *
+ * A line start state remembers whether the previous line ended with a
+ * real CRLF ("clean") or a bare ending, and octets whose meaning depends
+ * on what follows (".", CR, ".\r") are held in the state rather than
+ * written, so that every split of the input across calls gives the same
+ * output.  Octets other than CR and LF, NUL included, are passed through:
+ * the content is the backend's business.
+ */
+
+
+#ifndef _DEFAULT_SOURCE
+#define _DEFAULT_SOURCE
+#endif
+
+#include <string.h>
+
+#include "ngx_smtp_core.h"
+
+
+enum {
+    ngx_smtp_data_start = 0,        /* line start after a real CRLF */
+    ngx_smtp_data_start_bare,       /* line start after a bare ending */
+    ngx_smtp_data_text,             /* inside a line */
+    ngx_smtp_data_cr,               /* CR held */
+    ngx_smtp_data_dot,              /* "." held, clean line start */
+    ngx_smtp_data_dot_bare,         /* "." held, line start after bare */
+    ngx_smtp_data_dot_cr,           /* ".\r" held, clean line start */
+    ngx_smtp_data_dot_cr_bare,      /* ".\r" held, line start after bare */
+    ngx_smtp_data_done
+};
+
+
+/* the most a single step of the state machine writes: "..\r\n" */
+#define NGX_SMTP_DATA_STEP  4
+
+
+static u_char *ngx_smtp_data_emit(ngx_smtp_data_t *d, u_char *o,
+    u_char *src, size_t n);
+static u_char *ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p,
+    u_char *last, u_char **out, u_char *out_last, int writing);
+
+
+static u_char  ngx_smtp_crlf[] = "\r\n";
+static u_char  ngx_smtp_dotdot[] = "..\r\n";
+static u_char  ngx_smtp_dot[] = ".\r\n";
+
+
+int
+ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
+    u_char *out, u_char *out_last, size_t *in_used, size_t *out_used)
+{
+    int      rc, writing;
+    u_char   c, *p, *o;
+
+    p = in;
+    o = out;
+    rc = NGX_SMTP_AGAIN;
+
+    if (d->state == ngx_smtp_data_done) {
+        rc = NGX_SMTP_OK;
+        goto done;
+    }
+
+    while (p < in_last) {
+
+        writing = !(d->too_big || (d->reject && d->bare));
+
+        if (writing && (size_t) (out_last - o) < NGX_SMTP_DATA_STEP) {
+            break;
+        }
+
+        c = *p;
+
+        switch (d->state) {
+
+        case ngx_smtp_data_start:
+        case ngx_smtp_data_start_bare:
+
+            if (c == '.') {
+                d->state = (d->state == ngx_smtp_data_start)
+                           ? ngx_smtp_data_dot : ngx_smtp_data_dot_bare;
+                p++;
+                break;
+            }
+
+            if (c == '\r') {
+                d->state = ngx_smtp_data_cr;
+                p++;
+                break;
+            }
+
+            if (c == '\n') {
+                d->bare = 1;
+                o = ngx_smtp_data_emit(d, o, ngx_smtp_crlf, 2);
+                d->state = ngx_smtp_data_start_bare;
+                p++;
+                break;
+            }
+
+            d->state = ngx_smtp_data_text;
+            p = ngx_smtp_data_run(d, p, in_last, &o, out_last, writing);
+            break;
+
+        case ngx_smtp_data_text:
+
+            if (c == '\r') {
+                d->state = ngx_smtp_data_cr;
+                p++;
+                break;
+            }
+
+            if (c == '\n') {
+                d->bare = 1;
+                o = ngx_smtp_data_emit(d, o, ngx_smtp_crlf, 2);
+                d->state = ngx_smtp_data_start_bare;
+                p++;
+                break;
+            }
+
+            p = ngx_smtp_data_run(d, p, in_last, &o, out_last, writing);
+            break;
+
+        case ngx_smtp_data_cr:
+
+            if (c == '\n') {
+                o = ngx_smtp_data_emit(d, o, ngx_smtp_crlf, 2);
+                d->state = ngx_smtp_data_start;
+                p++;
+                break;
+            }
+
+            /* a bare CR; c starts the next line */
+            d->bare = 1;
+            o = ngx_smtp_data_emit(d, o, ngx_smtp_crlf, 2);
+            d->state = ngx_smtp_data_start_bare;
+            break;
+
+        case ngx_smtp_data_dot:
+        case ngx_smtp_data_dot_bare:
+
+            if (c == '\r') {
+                d->state = (d->state == ngx_smtp_data_dot)
+                           ? ngx_smtp_data_dot_cr : ngx_smtp_data_dot_cr_bare;
+                p++;
+                break;
+            }
+
+            if (c == '\n') {
+                /* "." alone with a bare LF: never "\r\n.\r\n" out */
+                d->bare = 1;
+                o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
+                d->state = ngx_smtp_data_start_bare;
+                p++;
+                break;
+            }
+
+            /* a dot-stuffed or ordinary line, written as it came */
+            o = ngx_smtp_data_emit(d, o, ngx_smtp_dot, 1);
+            d->state = ngx_smtp_data_text;
+            break;
+
+        case ngx_smtp_data_dot_cr:
+
+            if (c == '\n') {
+                /* CRLF "." CRLF: the end of data */
+                p++;
+
+                if (writing) {
+                    memcpy(o, ngx_smtp_dot, 3);
+                    o += 3;
+                }
+
+                d->state = ngx_smtp_data_done;
+                rc = NGX_SMTP_OK;
+                goto done;
+            }
+
+            d->bare = 1;
+            o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
+            d->state = ngx_smtp_data_start_bare;
+            break;
+
+        case ngx_smtp_data_dot_cr_bare:
+
+            /* "." after a bare ending is never the end of data */
+
+            if (c == '\n') {
+                o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
+                d->state = ngx_smtp_data_start;
+                p++;
+                break;
+            }
+
+            d->bare = 1;
+            o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
+            d->state = ngx_smtp_data_start_bare;
+            break;
+
+        default:
+            /* a corrupted state: stop rather than guess */
+            d->too_big = 1;
+            d->bare = 1;
+            d->state = ngx_smtp_data_text;
+            break;
+        }
+    }
+
+done:
+
+    *in_used = p - in;
+    *out_used = o - out;
+
+    return rc;
+}
+
+
+/*
+ * Counts n octets of output and writes them unless output has stopped;
+ * output stops exactly at max_size octets, so that the result does not
+ * depend on how the input was split.
+ */
+
+static u_char *
+ngx_smtp_data_emit(ngx_smtp_data_t *d, u_char *o, u_char *src, size_t n)
+{
+    size_t  w;
+
+    w = (d->too_big || (d->reject && d->bare)) ? 0 : n;
+
+    if (d->max_size > 0 && !d->too_big && d->size + (off_t) n > d->max_size)
+    {
+        if (w) {
+            w = (size_t) (d->max_size - d->size);
+        }
+
+        d->too_big = 1;
+    }
+
+    if (w) {
+        memcpy(o, src, w);
+        o += w;
+    }
+
+    d->size += n;
+
+    return o;
+}
+
+
+/*
+ * The fast path: from an ordinary octet inside a line, takes whole runs
+ * of text and CRLF-terminated lines whose next line starts with an
+ * ordinary octet, and copies them at once.  Stops before a CR that is not
+ * followed by LF in the run, a bare LF, or after a CRLF that is followed
+ * by ".", CR or LF or ends the run; the state machine does the rest.
+ */
+
+static u_char *
+ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p, u_char *last,
+    u_char **out, u_char *out_last, int writing)
+{
+    u_char  *q, *end, *lf, *cr;
+    size_t   n;
+
+    n = last - p;
+
+    if (writing && n > (size_t) (out_last - *out)) {
+        n = out_last - *out;
+    }
+
+    end = p + n;
+    q = p;
+
+    for ( ;; ) {
+        lf = memchr(q, '\n', end - q);
+        cr = memchr(q, '\r', (lf ? lf : end) - q);
+
+        if (cr == NULL) {
+            q = lf ? lf : end;
+            break;
+        }
+
+        if (cr + 1 != lf) {
+            /* a bare CR, or a CR whose LF is not in this run */
+            q = cr;
+            break;
+        }
+
+        q = lf + 1;
+
+        if (q == end || *q == '.' || *q == '\r' || *q == '\n') {
+            d->state = ngx_smtp_data_start;
+            break;
+        }
+    }
+
+    *out = ngx_smtp_data_emit(d, *out, p, q - p);
+
+    return q;
+}
