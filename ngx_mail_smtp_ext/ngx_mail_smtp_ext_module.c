@@ -23,10 +23,14 @@ static char *ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
     ngx_mail_smtp_ext_srv_conf_t *conf);
 static char *ngx_mail_smtp_ext_pass(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
-static char *ngx_mail_smtp_ext_auth(ngx_conf_t *cf, ngx_command_t *cmd,
-    void *conf);
+static char *ngx_mail_smtp_ext_auth_methods_set(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static char *ngx_mail_smtp_ext_auth_fail_limit(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
+static char *ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf);
+static ngx_int_t ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle);
+static void ngx_mail_smtp_ext_exit_process(ngx_cycle_t *cycle);
 #if (NGX_MAIL_SSL)
 static char *ngx_mail_smtp_ext_upstream_ssl(ngx_conf_t *cf,
     ngx_mail_smtp_ext_srv_conf_t *conf);
@@ -62,6 +66,13 @@ static ngx_conf_bitmask_t  ngx_mail_smtp_ext_auth_methods[] = {
 
 static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
 
+    { ngx_string("smtp_ext_redis"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
+      ngx_mail_smtp_ext_redis,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
     { ngx_string("smtp_ext_upstream"),
       NGX_MAIL_MAIN_CONF|NGX_CONF_BLOCK|NGX_CONF_TAKE1,
       ngx_mail_smtp_ext_upstream_block,
@@ -78,7 +89,7 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
 
     { ngx_string("smtp_ext_auth"),
       NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
-      ngx_mail_smtp_ext_auth,
+      ngx_mail_smtp_ext_auth_methods_set,
       NGX_MAIL_SRV_CONF_OFFSET,
       0,
       NULL },
@@ -192,10 +203,10 @@ ngx_module_t  ngx_mail_smtp_ext_module = {
     NGX_MAIL_MODULE,                        /* module type */
     NULL,                                   /* init master */
     NULL,                                   /* init module */
-    NULL,                                   /* init process */
+    ngx_mail_smtp_ext_init_process,         /* init process */
     NULL,                                   /* init thread */
     NULL,                                   /* exit thread */
-    NULL,                                   /* exit process */
+    ngx_mail_smtp_ext_exit_process,         /* exit process */
     NULL,                                   /* exit master */
     NGX_MODULE_V1_PADDING
 };
@@ -365,6 +376,10 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
         conf->pass_name = prev->pass_name;
     }
 
+    if (conf->redis == NULL) {
+        conf->redis = prev->redis;
+    }
+
     cscf = ngx_mail_conf_get_module_srv_conf(cf, ngx_mail_core_module);
 
     if (cscf->protocol != &ngx_mail_smtp_ext_protocol) {
@@ -378,32 +393,46 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
         return NGX_CONF_ERROR;
     }
 
-    if (conf->pass_name.data == NULL) {
+    if (conf->pass_name.data == NULL && conf->redis == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
-                      "no \"smtp_ext_pass\" is defined for server in %s:%ui",
+                      "no \"smtp_ext_pass\" or \"smtp_ext_redis\" is "
+                      "defined for server in %s:%ui",
                       conf->file_name, conf->line);
         return NGX_CONF_ERROR;
     }
 
-    smcf = ngx_mail_conf_get_module_main_conf(cf, ngx_mail_smtp_ext_module);
+    if (conf->pass_name.data) {
+        smcf = ngx_mail_conf_get_module_main_conf(cf,
+                                                  ngx_mail_smtp_ext_module);
 
-    conf->pass = ngx_mail_smtp_ext_find_pool(cf, smcf, &conf->pass_name);
-    if (conf->pass == NULL) {
-        return NGX_CONF_ERROR;
+        conf->pass = ngx_mail_smtp_ext_find_pool(cf, smcf, &conf->pass_name);
+        if (conf->pass == NULL) {
+            return NGX_CONF_ERROR;
+        }
     }
 
-    if (conf->auth_methods) {
+    if (conf->auth_methods && conf->redis == NULL) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "\"smtp_ext_auth\" needs \"smtp_ext_redis\" "
                       "in %s:%ui", conf->file_name, conf->line);
         return NGX_CONF_ERROR;
     }
 
-    if (conf->require_auth) {
+    if (conf->require_auth && conf->auth_methods == 0) {
         ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
                       "\"smtp_ext_require_auth\" needs \"smtp_ext_auth\" "
                       "in %s:%ui", conf->file_name, conf->line);
         return NGX_CONF_ERROR;
+    }
+
+    if (conf->auth_methods) {
+        /* slow password hashes are checked off the event loop */
+
+        if (ngx_mail_smtp_ext_passwd_thread_pool(cf, &conf->thread_pool)
+            != NGX_CONF_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
     }
 
 #if (NGX_MAIL_SSL)
@@ -430,22 +459,51 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
     ngx_mail_smtp_ext_srv_conf_t *conf)
 {
     u_char                    *p;
-    size_t                     len;
+    size_t                     len, caps_len;
     ngx_uint_t                 starttls;
     ngx_mail_core_srv_conf_t  *cscf;
 #if (NGX_MAIL_SSL)
     ngx_mail_ssl_conf_t       *sslcf;
 #endif
+    ngx_uint_t                 only;
     u_char                     caps[NGX_OFF_T_LEN + 128];
+    u_char                     auth[64];
+    size_t                     auth_len;
 
     cscf = ngx_mail_conf_get_module_srv_conf(cf, ngx_mail_core_module);
 
     starttls = 0;
+    only = 0;
 
 #if (NGX_MAIL_SSL)
     sslcf = ngx_mail_conf_get_module_srv_conf(cf, ngx_mail_ssl_module);
     starttls = (sslcf->starttls != NGX_MAIL_STARTTLS_OFF);
+    only = (sslcf->starttls == NGX_MAIL_STARTTLS_ONLY);
 #endif
+
+    /* "250-AUTH ..." */
+
+    p = auth;
+
+    if (conf->auth_methods) {
+        p = ngx_cpymem(p, "250-AUTH", sizeof("250-AUTH") - 1);
+
+        if (conf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_PLAIN) {
+            p = ngx_cpymem(p, " PLAIN", sizeof(" PLAIN") - 1);
+        }
+
+        if (conf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_LOGIN) {
+            p = ngx_cpymem(p, " LOGIN", sizeof(" LOGIN") - 1);
+        }
+
+        if (conf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_CRAM_MD5) {
+            p = ngx_cpymem(p, " CRAM-MD5", sizeof(" CRAM-MD5") - 1);
+        }
+
+        *p++ = CR; *p++ = LF;
+    }
+
+    auth_len = p - auth;
 
     /* "220 name ESMTP" */
 
@@ -477,8 +535,10 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
                     "250-SMTPUTF8" CRLF,
                     conf->max_message_size);
 
-    len = sizeof("250-" CRLF) - 1 + cscf->server_name.len + (p - caps)
-          + sizeof("250-STARTTLS" CRLF "250 HELP" CRLF) - 1;
+    caps_len = p - caps;
+
+    len = sizeof("250-" CRLF) - 1 + cscf->server_name.len + caps_len
+          + sizeof("250-STARTTLS" CRLF "250 HELP" CRLF) - 1 + auth_len;
 
     p = ngx_pnalloc(cf->pool, 2 * len);
     if (p == NULL) {
@@ -486,14 +546,17 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
     }
 
     conf->ehlo.data = p;
-    p = ngx_sprintf(p, "250-%V" CRLF "%s250 HELP" CRLF,
-                    &cscf->server_name, caps);
+    p = ngx_sprintf(p, "250-%V" CRLF "%*s%*s250 HELP" CRLF,
+                    &cscf->server_name, caps_len, caps, auth_len, auth);
     conf->ehlo.len = p - conf->ehlo.data;
 
     if (starttls) {
         conf->ehlo_starttls.data = p;
-        p = ngx_sprintf(p, "250-%V" CRLF "%s250-STARTTLS" CRLF "250 HELP"
-                        CRLF, &cscf->server_name, caps);
+        /* with "starttls only" AUTH is offered after STARTTLS only */
+
+        p = ngx_sprintf(p, "250-%V" CRLF "%*s250-STARTTLS" CRLF "%*s"
+                        "250 HELP" CRLF, &cscf->server_name, caps_len, caps,
+                        only ? (size_t) 0 : auth_len, auth);
         conf->ehlo_starttls.len = p - conf->ehlo_starttls.data;
 
     } else {
@@ -583,7 +646,8 @@ ngx_mail_smtp_ext_pass(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
 
 
 static char *
-ngx_mail_smtp_ext_auth(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+ngx_mail_smtp_ext_auth_methods_set(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
 {
     ngx_mail_smtp_ext_srv_conf_t *sscf = conf;
 
@@ -675,4 +739,52 @@ ngx_mail_smtp_ext_auth_fail_limit(ngx_conf_t *cf, ngx_command_t *cmd,
     }
 
     return NGX_CONF_OK;
+}
+
+
+static char *
+ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
+{
+    ngx_mail_smtp_ext_srv_conf_t *sscf = conf;
+
+    ngx_mail_smtp_ext_main_conf_t  *smcf;
+
+    if (sscf->redis) {
+        return "is duplicate";
+    }
+
+    smcf = ngx_mail_conf_get_module_main_conf(cf, ngx_mail_smtp_ext_module);
+
+    return ngx_mail_smtp_ext_redis_parse(cf, &smcf->redis, &sscf->redis);
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle)
+{
+    ngx_mail_conf_ctx_t            *ctx;
+    ngx_mail_smtp_ext_main_conf_t  *smcf;
+
+    ctx = (ngx_mail_conf_ctx_t *) cycle->conf_ctx[ngx_mail_module.index];
+
+    if (ctx == NULL
+        || ngx_mail_smtp_ext_module.ctx_index == NGX_MODULE_UNSET_INDEX)
+    {
+        return NGX_OK;
+    }
+
+    smcf = ctx->main_conf[ngx_mail_smtp_ext_module.ctx_index];
+
+    if (smcf == NULL || smcf->redis.nelts == 0) {
+        return NGX_OK;
+    }
+
+    return ngx_mail_smtp_ext_redis_init_process(cycle, &smcf->redis);
+}
+
+
+static void
+ngx_mail_smtp_ext_exit_process(ngx_cycle_t *cycle)
+{
+    ngx_mail_smtp_ext_redis_exit_process(cycle);
 }

@@ -15,6 +15,8 @@
 #include <ngx_mail.h>
 
 #include "ngx_smtp_core.h"
+#include "ngx_mail_smtp_ext_redis.h"
+#include "ngx_mail_smtp_ext_passwd.h"
 
 
 #define NGX_MAIL_SMTP_EXT_AUTH_PLAIN       0x02
@@ -67,6 +69,7 @@ typedef struct {
 
 typedef struct {
     ngx_array_t                     pools;      /* ngx_mail_smtp_ext_pool_t * */
+    ngx_array_t                     redis;      /* Redis servers, by pointer */
 } ngx_mail_smtp_ext_main_conf_t;
 
 
@@ -86,6 +89,9 @@ typedef struct {
     ngx_uint_t                      bare_lf;
     ngx_uint_t                      auth_fail_limit;
     time_t                          auth_fail_window;
+
+    ngx_mail_smtp_ext_redis_conf_t *redis;
+    ngx_thread_pool_t              *thread_pool;
 
 #if (NGX_MAIL_SSL)
     ngx_ssl_t                      *upstream_ssl;
@@ -110,7 +116,8 @@ typedef struct ngx_mail_smtp_ext_relay_s  ngx_mail_smtp_ext_relay_t;
 /* what the session waits for */
 typedef enum {
     ngx_smtp_ext_cmd = 0,       /* reading and executing commands */
-    ngx_smtp_ext_wait,          /* a backend step is pending */
+    ngx_smtp_ext_wait,          /* a backend step or lookup is pending */
+    ngx_smtp_ext_auth_line,     /* an AUTH continuation line is due */
     ngx_smtp_ext_data,          /* streaming the message */
     ngx_smtp_ext_data_wait,     /* end of data sent, backend reply due */
     ngx_smtp_ext_starttls,      /* 220 queued, handshake next */
@@ -146,6 +153,13 @@ typedef struct {
 
     ngx_mail_smtp_ext_relay_t      *relay;
 
+    /* AUTH and Redis lookups */
+    ngx_uint_t                      auth_state;
+    ngx_str_t                       user_route;
+    const char                     *argv[8];
+    size_t                          argvlen[8];
+    u_char                          window[NGX_TIME_T_LEN];
+
     unsigned                        greeted:1;  /* HELO or EHLO seen */
     unsigned                        in_tx:1;    /* MAIL accepted */
     unsigned                        smtputf8:1;
@@ -154,6 +168,7 @@ typedef struct {
     unsigned                        out_blocked:1;
     unsigned                        data_failed:1;
     unsigned                        quit:1;
+    unsigned                        auth_cram:1;
 } ngx_mail_smtp_ext_ctx_t;
 
 
@@ -171,6 +186,20 @@ ngx_int_t ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     ngx_uint_t code, u_char *reply, size_t len);
 void ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply);
+ngx_int_t ngx_mail_smtp_ext_reply_error(ngx_mail_session_t *s,
+    ngx_str_t *reply);
+void ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_lookup_done(ngx_mail_session_t *s, ngx_str_t *reply);
+void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
+
+/* ngx_mail_smtp_ext_auth.c */
+ngx_int_t ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
+ngx_int_t ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line,
+    size_t len);
+
+/* ngx_mail_smtp_ext_route.c */
+ngx_int_t ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt);
 
 /* ngx_mail_smtp_ext_upstream.c */
 char *ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,

@@ -681,15 +681,16 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
         return;
     }
 
+    if (r->state == ngx_relay_cmds) {
+        ngx_mail_smtp_ext_relay_command_reply(r, code, p, len);
+        return;
+    }
+
     if (c->read->timer_set) {
         ngx_del_timer(c->read);
     }
 
     switch (r->state) {
-
-    case ngx_relay_cmds:
-        ngx_mail_smtp_ext_relay_command_reply(r, code, p, len);
-        return;
 
     case ngx_relay_data:
         if (code == 354) {
@@ -1184,7 +1185,8 @@ static void
 ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t code, u_char *p, size_t len)
 {
-    ngx_mail_session_t  *s;
+    ngx_mail_session_t            *s;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     s = r->session;
 
@@ -1207,6 +1209,10 @@ ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
     case ngx_relay_cmd_rcpt:
         r->state = ngx_relay_idle;
 
+        if (r->pc.connection->read->timer_set) {
+            ngx_del_timer(r->pc.connection->read);
+        }
+
         if (r->fail_len) {
             ngx_mail_smtp_ext_relay_done(s, NGX_OK, r->fail_code, r->fail,
                                          r->fail_len);
@@ -1220,8 +1226,13 @@ ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
     r->done_cmds++;
 
     if (r->sent_cmds == r->done_cmds) {
+        /* without PIPELINING: the next command */
         ngx_mail_smtp_ext_relay_write_cmds(r);
+        return;
     }
+
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+    ngx_add_timer(r->pc.connection->read, sscf->upstream_timeout);
 }
 
 

@@ -27,6 +27,7 @@
 #define NGX_SMTP_EXT_STEP_RCPT    2
 #define NGX_SMTP_EXT_STEP_DATA    3
 #define NGX_SMTP_EXT_STEP_DOT     4
+#define NGX_SMTP_EXT_STEP_LOOKUP  5
 
 
 #define ngx_smtp_ext_reply(s)     ngx_string(s CRLF)
@@ -65,6 +66,8 @@ static ngx_str_t  ngx_smtp_ext_in_tls = ngx_smtp_ext_reply(
     "503 5.5.1 Already in TLS");
 static ngx_str_t  ngx_smtp_ext_need_tls = ngx_smtp_ext_reply(
     "530 5.7.0 Must issue a STARTTLS command first");
+static ngx_str_t  ngx_smtp_ext_need_auth = ngx_smtp_ext_reply(
+    "530 5.7.0 Authentication required");
 static ngx_str_t  ngx_smtp_ext_no_rcpts = ngx_smtp_ext_reply(
     "554 5.5.1 No valid recipients");
 static ngx_str_t  ngx_smtp_ext_param = ngx_smtp_ext_reply(
@@ -107,10 +110,7 @@ static ngx_int_t ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s);
-static ngx_int_t ngx_mail_smtp_ext_error(ngx_mail_session_t *s,
-    ngx_str_t *reply);
-static ngx_int_t ngx_mail_smtp_ext_out(ngx_mail_session_t *s,
-    ngx_str_t *reply);
+static ngx_int_t ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s,
     u_char *reply, size_t len);
 static void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
@@ -173,7 +173,7 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
         return;
     }
 
-    (void) ngx_mail_smtp_ext_out(s, &sscf->greeting);
+    (void) ngx_mail_smtp_ext_reply(s, &sscf->greeting);
 
     ngx_mail_smtp_ext_run(s);
 }
@@ -283,6 +283,7 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
         switch (ctx->state) {
 
         case ngx_smtp_ext_cmd:
+        case ngx_smtp_ext_auth_line:
 
             if ((size_t) (ctx->out->end - ctx->out->last)
                 < NGX_SMTP_MAX_LINE)
@@ -321,6 +322,7 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
         /* NGX_AGAIN: wait for input, a backend or the client */
 
         if (ctx->state == ngx_smtp_ext_cmd
+            || ctx->state == ngx_smtp_ext_auth_line
             || ctx->state == ngx_smtp_ext_data)
         {
             rc = ngx_mail_smtp_ext_read(s);
@@ -448,7 +450,7 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
         b->pos += line.consumed;
         ctx->skip_line = 0;
 
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_too_long);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_too_long);
     }
 
     rc = ngx_smtp_find_line(b->pos, b->last, NGX_SMTP_MAX_LINE, &line);
@@ -460,15 +462,21 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
     if (rc == NGX_SMTP_LINE_TOO_LONG) {
         b->pos += line.consumed;
 
+        ctx->state = ngx_smtp_ext_cmd;
+
         if (line.len == 0) {
             ctx->skip_line = 1;
             return NGX_OK;
         }
 
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_too_long);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_too_long);
     }
 
     b->pos += line.consumed;
+
+    if (ctx->state == ngx_smtp_ext_auth_line) {
+        return ngx_mail_smtp_ext_auth_line(s, line.start, line.len);
+    }
 
     return ngx_mail_smtp_ext_execute(s, line.start, line.len);
 }
@@ -477,11 +485,13 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
 static ngx_int_t
 ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
 {
-    int                       rc;
-    ngx_smtp_cmd_t            cmd;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
+    int                            rc;
+    ngx_smtp_cmd_t                 cmd;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     rc = ngx_smtp_parse_command(line, len, &cmd);
 
@@ -491,16 +501,16 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
         break;
 
     case NGX_SMTP_E_UNKNOWN:
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_unknown);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_unknown);
 
     case NGX_SMTP_E_PARAM:
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_param);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_param);
 
     case NGX_SMTP_E_UTF8:
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_utf8);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_utf8);
 
     default:
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_syntax);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_syntax);
     }
 
     switch (cmd.cmd) {
@@ -521,34 +531,38 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
     case NGX_SMTP_CMD_RSET:
         ngx_mail_smtp_ext_end_tx(s);
         ngx_mail_smtp_ext_relay_reset(s);
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_ok);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_ok);
 
     case NGX_SMTP_CMD_NOOP:
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_ok);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_ok);
 
     case NGX_SMTP_CMD_QUIT:
         ngx_mail_smtp_ext_end_tx(s);
         ngx_mail_smtp_ext_relay_close(s, 1);
         ctx->quit = 1;
         ctx->state = ngx_smtp_ext_closing;
-        (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_bye);
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_bye);
         return NGX_AGAIN;
 
     case NGX_SMTP_CMD_VRFY:
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_vrfy);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_vrfy);
 
     case NGX_SMTP_CMD_HELP:
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_help);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_help);
 
     case NGX_SMTP_CMD_STARTTLS:
         return ngx_mail_smtp_ext_starttls(s);
 
     case NGX_SMTP_CMD_AUTH:
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_no_auth);
+        if (sscf->auth_methods == 0) {
+            return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_no_auth);
+        }
+
+        return ngx_mail_smtp_ext_auth(s, &cmd);
 
     default:
         /* EXPN, BDAT: known, not offered */
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
     }
 }
 
@@ -569,7 +583,7 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (cmd->arg.len > NGX_MAIL_SMTP_EXT_HELO_MAX) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_syntax);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_syntax);
     }
 
     /* a new HELO resets the session (RFC 5321 4.1.4) */
@@ -587,7 +601,7 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 
     if (cmd->cmd == NGX_SMTP_CMD_HELO) {
         s->esmtp = 0;
-        return ngx_mail_smtp_ext_out(s, &sscf->helo);
+        return ngx_mail_smtp_ext_reply(s, &sscf->helo);
     }
 
     s->esmtp = 1;
@@ -603,7 +617,7 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     (void) c;
 #endif
 
-    return ngx_mail_smtp_ext_out(s, reply);
+    return ngx_mail_smtp_ext_reply(s, reply);
 }
 
 
@@ -620,26 +634,30 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->greeted) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_helo);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_helo);
     }
 
 #if (NGX_MAIL_SSL)
     if (ngx_mail_starttls_only(s, c)) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_tls);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_tls);
     }
 #endif
 
+    if (sscf->require_auth && s->login.len == 0) {
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_auth);
+    }
+
     if (ctx->in_tx) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_nested);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_nested);
     }
 
     if (cmd->size > sscf->max_message_size) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_too_big);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_big);
     }
 
     ctx->tpool = ngx_create_pool(1024, c->log);
     if (ctx->tpool == NULL) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
     }
 
     /* the line for the backend: parameters are added per backend */
@@ -648,7 +666,7 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     if (p == NULL) {
         ngx_destroy_pool(ctx->tpool);
         ctx->tpool = NULL;
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
     }
 
     ctx->mail_cmd.data = p;
@@ -669,7 +687,7 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     ctx->start = ngx_current_msec;
     ctx->in_tx = 1;
 
-    return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_mail_ok);
+    return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_mail_ok);
 }
 
 
@@ -679,51 +697,76 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     ngx_int_t                      rc;
     ngx_str_t                     *rcpt;
     ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_smtp_ext_pool_t      *pool;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->in_tx) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_mail);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_mail);
     }
 
     if (cmd->utf8_path && !ctx->smtputf8) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_utf8);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_utf8);
     }
 
     if (ctx->rcpts >= sscf->max_recipients) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_too_many);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_many);
     }
 
     ctx->rcpts_tried++;
 
-    /* without Redis every recipient goes to smtp_ext_pass */
-
-    pool = sscf->pass;
-
-    if (ctx->route && ctx->route != pool) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_elsewhere);
-    }
-
     rcpt = ngx_palloc(ctx->tpool, sizeof(ngx_str_t));
     if (rcpt == NULL) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
     }
 
     rcpt->len = cmd->path.len;
     rcpt->data = ngx_pstrdup(ctx->tpool, (ngx_str_t *) &cmd->path);
     if (rcpt->data == NULL) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
     }
 
     ctx->pending_rcpt = rcpt;
-    ctx->pending_route = pool;
+    ctx->pending_route = NULL;
+
+    rc = ngx_mail_smtp_ext_route(s, rcpt);
+
+    if (rc == NGX_OK) {
+        return ngx_mail_smtp_ext_rcpt_relay(s);
+    }
+
+    if (rc == NGX_AGAIN) {
+        return NGX_AGAIN;
+    }
+
+    /* a reply is queued */
+
+    return NGX_OK;
+}
+
+
+/* the recipient's route is known: hand it to the backend of that route */
+
+static ngx_int_t
+ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s)
+{
+    ngx_int_t                  rc;
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_smtp_ext_pool_t  *pool;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    pool = ctx->pending_route;
+
+    if (ctx->route && ctx->route != pool) {
+        /* one transaction, one backend */
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_elsewhere);
+    }
 
     if (ngx_mail_smtp_ext_relay_usable(s, pool)) {
         ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
-        ngx_mail_smtp_ext_relay_rcpt(s, rcpt);
+        ngx_mail_smtp_ext_relay_rcpt(s, ctx->pending_rcpt);
         return NGX_AGAIN;
     }
 
@@ -733,12 +776,55 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 
     if (rc == NGX_ERROR) {
         ctx->last_code = 451;
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_backend);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_backend);
     }
 
     ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_OPEN);
 
     return NGX_AGAIN;
+}
+
+
+void
+ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_LOOKUP);
+}
+
+
+/* a Redis lookup or a password check ended with a reply */
+
+void
+ngx_mail_smtp_ext_lookup_done(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_cmd;
+    ctx->step = 0;
+
+    if (reply) {
+        (void) ngx_mail_smtp_ext_reply(s, reply);
+    }
+
+    ngx_mail_smtp_ext_run(s);
+}
+
+
+void
+ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_cmd;
+    ctx->step = 0;
+
+    (void) ngx_mail_smtp_ext_rcpt_relay(s);
+
+    ngx_mail_smtp_ext_run(s);
 }
 
 
@@ -750,11 +836,11 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->in_tx) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_need_mail_data);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_mail_data);
     }
 
     if (ctx->rcpts == 0) {
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_rcpts);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_rcpts);
     }
 
     if (!ngx_mail_smtp_ext_relay_usable(s, ctx->route)) {
@@ -762,7 +848,7 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
         ctx->last_code = 451;
         ngx_mail_smtp_ext_end_tx(s);
         ngx_mail_smtp_ext_relay_close(s, 0);
-        return ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
     }
 
     ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DATA);
@@ -784,13 +870,13 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     if (c->ssl) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_in_tls);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_in_tls);
     }
 
     sslcf = ngx_mail_get_module_srv_conf(s, ngx_mail_ssl_module);
 
     if (sslcf->starttls == NGX_MAIL_STARTTLS_OFF) {
-        return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
     }
 
     /* RFC 3207: forget everything; drop what was pipelined after it */
@@ -805,14 +891,14 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
     s->buffer->pos = s->buffer->start;
     s->buffer->last = s->buffer->start;
 
-    (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_tls_ready);
+    (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_tls_ready);
 
     ctx->state = ngx_smtp_ext_starttls;
     c->read->handler = ngx_mail_starttls_handler;
 
     return NGX_AGAIN;
 #else
-    return ngx_mail_smtp_ext_error(s, &ngx_smtp_ext_not_impl);
+    return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
 #endif
 }
 
@@ -859,7 +945,7 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
 
         b->pos += in_used;
 
-        if (ob && (ctx->data.bare || ctx->data.too_big)) {
+        if (ob && ((ctx->data.reject && ctx->data.bare) || ctx->data.too_big)) {
             /* no end of data may ever reach the backend */
             ctx->data_failed = 1;
             ngx_mail_smtp_ext_relay_close(s, 0);
@@ -870,7 +956,9 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
             return ngx_mail_smtp_ext_body_end(s);
         }
 
-        if (ob && ob->last == ob->end) {
+        /* the scanner needs a few octets of room to make progress */
+
+        if (ob && (size_t) (ob->end - ob->last) < 8) {
             break;
         }
     }
@@ -922,7 +1010,7 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
         reply = &ngx_smtp_ext_too_big;
         ctx->last_code = 552;
 
-    } else if (ctx->data.bare) {
+    } else if (ctx->data.reject && ctx->data.bare) {
         reply = &ngx_smtp_ext_bare;
         ctx->last_code = 550;
 
@@ -934,7 +1022,7 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
     ngx_mail_smtp_ext_relay_close(s, 0);
     ngx_mail_smtp_ext_data_done(s);
 
-    return ngx_mail_smtp_ext_out(s, reply);
+    return ngx_mail_smtp_ext_reply(s, reply);
 }
 
 
@@ -976,7 +1064,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_OPEN:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_no_backend);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_backend);
             break;
         }
 
@@ -987,7 +1075,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_RCPT:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
             break;
         }
 
@@ -1003,7 +1091,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
         if (rc != NGX_OK) {
             ctx->last_code = 451;
             ngx_mail_smtp_ext_end_tx(s);
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
             break;
         }
 
@@ -1024,11 +1112,11 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
             ctx->last_code = 451;
             ngx_mail_smtp_ext_relay_close(s, 0);
             ngx_mail_smtp_ext_end_tx(s);
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
             break;
         }
 
-        (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_go_ahead);
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_go_ahead);
 
         ctx->state = ngx_smtp_ext_data;
 
@@ -1041,7 +1129,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_DOT:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_backend_lost);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
 
         } else {
             ctx->last_code = code;
@@ -1210,8 +1298,8 @@ ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s)
 }
 
 
-static ngx_int_t
-ngx_mail_smtp_ext_error(ngx_mail_session_t *s, ngx_str_t *reply)
+ngx_int_t
+ngx_mail_smtp_ext_reply_error(ngx_mail_session_t *s, ngx_str_t *reply)
 {
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_core_srv_conf_t      *cscf;
@@ -1232,19 +1320,19 @@ ngx_mail_smtp_ext_error(ngx_mail_session_t *s, ngx_str_t *reply)
         ngx_mail_smtp_ext_relay_close(s, 1);
 
         ctx->state = ngx_smtp_ext_closing;
-        (void) ngx_mail_smtp_ext_out(s, &sscf->too_many_errors);
+        (void) ngx_mail_smtp_ext_reply(s, &sscf->too_many_errors);
 
         return NGX_AGAIN;
     }
 
-    return ngx_mail_smtp_ext_out(s, reply);
+    return ngx_mail_smtp_ext_reply(s, reply);
 }
 
 
 /* queues a reply; NGX_OK so that the command loop goes on */
 
-static ngx_int_t
-ngx_mail_smtp_ext_out(ngx_mail_session_t *s, ngx_str_t *reply)
+ngx_int_t
+ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
 {
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
@@ -1298,7 +1386,7 @@ ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
         p = ngx_cpymem(line, p, len);
 
         if (len < 5) {
-            (void) ngx_mail_smtp_ext_out(s, &ngx_smtp_ext_internal);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
             return;
         }
 
@@ -1443,7 +1531,7 @@ ngx_mail_smtp_ext_close(ngx_mail_session_t *s, ngx_str_t *reply)
     if (reply) {
         ctx->out_blocked = 0;
         ctx->state = ngx_smtp_ext_closing;
-        (void) ngx_mail_smtp_ext_out(s, reply);
+        (void) ngx_mail_smtp_ext_reply(s, reply);
 
         if (ngx_mail_smtp_ext_flush(s) != NGX_AGAIN) {
             return;

@@ -57,7 +57,9 @@ typedef struct {
 
 /*
  * Looks for LF in [p, last).  A line ends at LF; a CR right before it is
- * stripped (bare LF is tolerated in commands, not in DATA).
+ * stripped (bare LF is tolerated in commands, not in DATA).  The limit
+ * counts the line as if it ended with CRLF: with max 512, 510 octets of
+ * command are fine and 511 are too long.
  *   NGX_SMTP_OK               line found, *line filled
  *   NGX_SMTP_AGAIN            no LF yet and (last - p) < max
  *   NGX_SMTP_LINE_TOO_LONG    the line (with its CRLF) exceeds max octets;
@@ -114,7 +116,8 @@ typedef struct {
     ngx_smtp_str_t          params;     /* raw parameters after ">",
                                            leading spaces removed */
     off_t                   size;       /* SIZE=, -1 if absent */
-    ngx_smtp_str_t          auth;       /* AUTH= value, raw xtext */
+    ngx_smtp_str_t          auth;       /* AUTH= value, raw xtext
+                                           (7-bit, not decoded) */
     unsigned                body:2;     /* NGX_SMTP_BODY_* */
     unsigned                smtputf8:1;
     unsigned                utf8_path:1;  /* path has octets >= 0x80 */
@@ -128,14 +131,20 @@ typedef struct {
 
 /*
  * Parses one command line (without CRLF, as found by ngx_smtp_find_line).
- * Verbs are caseless.  Results:
+ * The verb is the octets up to the first space, caseless.  Results:
  *   NGX_SMTP_OK               cmd filled
  *   NGX_SMTP_E_UNKNOWN        unknown verb                  500 5.5.2
  *   NGX_SMTP_E_SYNTAX         bad arguments, a NUL or other
- *                             control octet in the line     501 5.5.4
+ *                             control octet (< 0x20 or 0x7f,
+ *                             TAB and CR too) after a known
+ *                             verb                          501 5.5.4
  *   NGX_SMTP_E_PARAM          unknown or bad MAIL/RCPT
+ *                             parameter, a duplicate one,
+ *                             SIZE= over off_t, any RCPT
  *                             parameter                     555 5.5.4
- *   NGX_SMTP_E_UTF8           8-bit path without SMTPUTF8   553 5.6.7
+ *   NGX_SMTP_E_UTF8           8-bit MAIL path without the
+ *                             SMTPUTF8 parameter            553 5.6.7
+ * For errors other than NGX_SMTP_E_UNKNOWN cmd->cmd is still set.
  *
  * Rules:
  *   HELO/EHLO need one argument (a domain or address literal; any
@@ -144,12 +153,18 @@ typedef struct {
  *   colon), then a path in angle brackets; "<>" only for MAIL; RCPT also
  *   takes "<postmaster>" (no domain); a source route "@a,@b:" is dropped.
  *   Local part: dot-string or quoted string; domain: dot-separated
- *   labels (letters, digits, '-') or an address literal "[...]".
- *   MAIL parameters: SIZE=digits, BODY=7BIT|8BITMIME, SMTPUTF8 (no value),
- *   AUTH=xtext.  RCPT parameters: none.  Each may appear once.
+ *   labels (letters, digits, '-', octets >= 0x80) or an address literal
+ *   "[...]" of printable octets other than "[", "\\" and "]".  Text right
+ *   after ">" without a space is a syntax error.
+ *   MAIL parameters: SIZE=digits (1 to 20), BODY=7BIT|8BITMIME,
+ *   SMTPUTF8 (no value), AUTH=xtext (7-bit).  RCPT parameters: none.
+ *   Each may appear once; keywords and BODY values are caseless.
+ *   An 8-bit RCPT path only sets utf8_path: SMTPUTF8 belongs to the
+ *   transaction, the glue decides.
  *   DATA, RSET, QUIT, STARTTLS take no argument (501 otherwise); NOOP,
- *   HELP and VRFY take any; AUTH needs a mechanism (an optional initial
- *   response follows a single space).
+ *   HELP, VRFY, EXPN and BDAT take any; AUTH needs a mechanism (letters,
+ *   digits, '-', '_'); an optional initial response follows after spaces;
+ *   a third word is a syntax error.
  */
 #define NGX_SMTP_E_UNKNOWN          1
 #define NGX_SMTP_E_SYNTAX           2
@@ -177,10 +192,11 @@ typedef struct {
  *   NGX_SMTP_OK       reply complete: [p, p + r->len)
  *   NGX_SMTP_AGAIN    need more input (r->scanned remembers progress;
  *                     p must stay the start of the reply)
- *   NGX_SMTP_ERROR    not an SMTP reply: a line without 3 digits and
- *                     ' ' or '-' (a bare 3-digit line counts as final),
- *                     codes that differ between lines, a line longer than
- *                     max octets, or a NUL
+ *   NGX_SMTP_ERROR    not an SMTP reply: a line without 3 digits (the
+ *                     first one 2 to 5) and ' ' or '-' (a bare 3-digit
+ *                     line counts as final), codes that differ between
+ *                     lines, a line longer than max octets with its CRLF,
+ *                     a line not ending in CRLF (bare LF), or a NUL
  */
 int ngx_smtp_parse_reply(u_char *p, u_char *last, size_t max,
     ngx_smtp_reply_t *r);
@@ -216,16 +232,22 @@ typedef struct {
     off_t                   size;       /* SIZE n, 0 if none or no limit */
 } ngx_smtp_ehlo_t;
 
-/* reply as returned by ngx_smtp_parse_reply; keywords are caseless */
+/*
+ * reply as returned by ngx_smtp_parse_reply; keywords are caseless, the
+ * first line (the backend's name) is skipped, "AUTH=..." counts as AUTH,
+ * and a SIZE over off_t counts as no limit
+ */
 void ngx_smtp_parse_ehlo(u_char *p, size_t len, ngx_smtp_ehlo_t *ehlo);
 
 
 /*
  * Copies a complete backend reply [p, p + len) to dst so that every line
- * carries an enhanced status code (RFC 3463): lines that have one keep
- * it, lines that have none get "C.0.0 " with C the code's first digit.
- * Control octets other than CR LF are replaced with '?'.  Returns the
- * octets written; dst must hold len + 6 * lines octets.
+ * carries an enhanced status code (RFC 3463): lines that have one
+ * ("d.ddd.ddd" followed by a space or the end of the line, after "NNN "
+ * or "NNN-") keep it, lines that have none get "C.0.0 " with C the code's
+ * first digit ("NNN" alone becomes "NNN C.0.0").  Control octets other
+ * than the CRLF that ends a line (a stray CR too) are replaced with '?'.
+ * Returns the octets written; dst must hold len + 6 * lines octets.
  */
 size_t ngx_smtp_copy_reply(u_char *dst, u_char *p, size_t len);
 
@@ -249,16 +271,24 @@ typedef struct {
 
     /* state: zero the rest before the first call */
     unsigned                state;
-    off_t                   size;       /* message octets seen, counted
-                                           as sent to the backend */
-    unsigned                bare:1;     /* a bare CR or LF was seen */
+    off_t                   size;       /* message octets, counted as
+                                           sent to the backend (the
+                                           normalized, dot-stuffed form
+                                           without the final ".\r\n");
+                                           counting goes on after
+                                           too_big and bare, for logs */
+    unsigned                bare:1;     /* a bare CR or LF was seen
+                                           (set in both modes) */
     unsigned                too_big:1;  /* size went over max_size */
 } ngx_smtp_data_t;
 
 /*
  * Scans DATA input from the client in [in, in_last) and writes what the
  * backend must receive to [out, out_last).  The input is the dot-stuffed
- * wire form; the output is too, so the glue sends it as it is.
+ * wire form; the output is too, so the glue sends it as it is.  Octets
+ * other than CR and LF, NUL and 8-bit ones included, pass unchanged: the
+ * content is the backend's business.  The output does not depend on how
+ * the input is split across calls or on the room in out.
  *
  * - End of data is CRLF "." CRLF only; the DATA command's own CRLF counts
  *   as the CRLF before the first line.  The final ".\r\n" is written to
@@ -271,12 +301,17 @@ typedef struct {
  *   scanner did not see.
  * - reject: at the first bare CR or LF, d->bare is set and nothing more is
  *   written; input is still consumed up to the end of data.
- * - when d->size goes over max_size, d->too_big is set and nothing more is
- *   written; input is still consumed up to the end of data.
+ * - when d->size goes over max_size, d->too_big is set and nothing past
+ *   the first max_size octets is written (the cut may fall inside a
+ *   line); input is still consumed up to the end of data.  A message of
+ *   exactly max_size octets is fine.
  *
  * Returns NGX_SMTP_AGAIN when all input was consumed (or out is full: the
  * glue tells by *in_used < in_last - in) and NGX_SMTP_OK at the end of
- * data.  *in_used and *out_used give the octets consumed and written.
+ * data; *in_used then stops right after the final LF, so that pipelined
+ * commands stay in the input.  *in_used and *out_used give the octets
+ * consumed and written.  After NGX_SMTP_OK further calls return it again
+ * and consume nothing: zero the state for the next message.
  * The scanner stops before writing past out_last; out must have room for
  * at least 8 octets for progress to be guaranteed.
  */
