@@ -87,23 +87,23 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->greeted) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_need_helo);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_need_helo);
     }
 
 #if (NGX_MAIL_SSL)
     if (ngx_mail_starttls_only(s, c)) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_need_tls);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_need_tls);
     }
 #else
     (void) c;
 #endif
 
     if (s->login.len) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_twice);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_twice);
     }
 
     if (ctx->in_tx) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_in_tx);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_in_tx);
     }
 
     ctx->auth_cram = 0;
@@ -134,8 +134,8 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
                 != NGX_OK)
             {
                 ctx->state = ngx_smtp_ext_cmd;
-                return ngx_mail_smtp_ext_reply_error(s,
-                                                 &ngx_smtp_ext_auth_decode);
+                return ngx_mail_smtp_ext_reply(s,
+                                          &ngx_smtp_ext_auth_decode);
             }
 
             ctx->auth_state = NGX_SMTP_EXT_AUTH_PASS;
@@ -154,7 +154,7 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         return ngx_mail_smtp_ext_auth_cram_challenge(s);
     }
 
-    return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_mech);
+    return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_mech);
 }
 
 
@@ -171,7 +171,7 @@ ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
 
     if (len == 1 && line[0] == '*') {
         ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_aborted);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_aborted);
     }
 
     switch (ctx->auth_state) {
@@ -184,8 +184,8 @@ ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
             || s->login.len == 0)
         {
             ngx_mail_smtp_ext_auth_forget(s);
-            return ngx_mail_smtp_ext_reply_error(s,
-                                                 &ngx_smtp_ext_auth_decode);
+            return ngx_mail_smtp_ext_reply(s,
+                                          &ngx_smtp_ext_auth_decode);
         }
 
         ctx->auth_state = NGX_SMTP_EXT_AUTH_PASS;
@@ -197,8 +197,8 @@ ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
             != NGX_OK)
         {
             ngx_mail_smtp_ext_auth_forget(s);
-            return ngx_mail_smtp_ext_reply_error(s,
-                                                 &ngx_smtp_ext_auth_decode);
+            return ngx_mail_smtp_ext_reply(s,
+                                          &ngx_smtp_ext_auth_decode);
         }
 
         return ngx_mail_smtp_ext_auth_lookup(s);
@@ -207,7 +207,7 @@ ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
         return ngx_mail_smtp_ext_auth_cram(s, line, len);
 
     default:
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_aborted);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_aborted);
     }
 }
 
@@ -255,7 +255,7 @@ ngx_mail_smtp_ext_auth_plain(ngx_mail_session_t *s, u_char *data,
 
     if (ngx_mail_smtp_ext_auth_decode(s, data, len, &plain) != NGX_OK) {
         ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_decode);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
     }
 
     p = plain.data;
@@ -291,7 +291,7 @@ invalid:
     ngx_explicit_memzero(plain.data, plain.len);
     ngx_mail_smtp_ext_auth_forget(s);
 
-    return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_decode);
+    return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
 }
 
 
@@ -358,7 +358,7 @@ ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s, u_char *data, size_t len)
 
     if (ngx_mail_smtp_ext_auth_decode(s, data, len, &resp) != NGX_OK) {
         ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_decode);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
     }
 
     p = resp.data;
@@ -374,7 +374,7 @@ ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s, u_char *data, size_t len)
 
     if (p <= resp.data || last - p - 1 != 32) {
         ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_decode);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
     }
 
     s->login.data = resp.data;
@@ -409,7 +409,7 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
         || ngx_strlchr(s->login.data, s->login.data + s->login.len, '\0'))
     {
         ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_auth_failed);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_failed);
     }
 
     if (ngx_mail_smtp_ext_redis_key(c->pool, sscf->redis, "user:", &s->login,

@@ -187,8 +187,6 @@ void ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     ngx_uint_t code, u_char *reply, size_t len);
 void ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply);
-ngx_int_t ngx_mail_smtp_ext_reply_error(ngx_mail_session_t *s,
-    ngx_str_t *reply);
 void ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_lookup_done(ngx_mail_session_t *s, ngx_str_t *reply);
 void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);

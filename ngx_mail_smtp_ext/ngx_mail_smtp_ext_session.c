@@ -450,7 +450,7 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
         b->pos += line.consumed;
         ctx->skip_line = 0;
 
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_too_long);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_long);
     }
 
     rc = ngx_smtp_find_line(b->pos, b->last, NGX_SMTP_MAX_LINE, &line);
@@ -469,7 +469,7 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
             return NGX_OK;
         }
 
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_too_long);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_long);
     }
 
     b->pos += line.consumed;
@@ -501,16 +501,16 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
         break;
 
     case NGX_SMTP_E_UNKNOWN:
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_unknown);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_unknown);
 
     case NGX_SMTP_E_PARAM:
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_param);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_param);
 
     case NGX_SMTP_E_UTF8:
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_utf8);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_utf8);
 
     default:
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_syntax);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_syntax);
     }
 
     switch (cmd.cmd) {
@@ -555,14 +555,14 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
 
     case NGX_SMTP_CMD_AUTH:
         if (sscf->auth_methods == 0) {
-            return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_no_auth);
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_auth);
         }
 
         return ngx_mail_smtp_ext_auth(s, &cmd);
 
     default:
         /* EXPN, BDAT: known, not offered */
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_not_impl);
     }
 }
 
@@ -583,7 +583,7 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (cmd->arg.len > NGX_MAIL_SMTP_EXT_HELO_MAX) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_syntax);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_syntax);
     }
 
     /* a new HELO resets the session (RFC 5321 4.1.4) */
@@ -634,21 +634,21 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->greeted) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_helo);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_helo);
     }
 
 #if (NGX_MAIL_SSL)
     if (ngx_mail_starttls_only(s, c)) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_tls);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_tls);
     }
 #endif
 
     if (sscf->require_auth && s->login.len == 0) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_auth);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_auth);
     }
 
     if (ctx->in_tx) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_nested);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_nested);
     }
 
     if (cmd->size > sscf->max_message_size) {
@@ -703,11 +703,11 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->in_tx) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_mail);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_mail);
     }
 
     if (cmd->utf8_path && !ctx->smtputf8) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_utf8);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_utf8);
     }
 
     if (ctx->rcpts >= sscf->max_recipients) {
@@ -836,7 +836,7 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     if (!ctx->in_tx) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_need_mail_data);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_mail_data);
     }
 
     if (ctx->rcpts == 0) {
@@ -870,13 +870,13 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     if (c->ssl) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_in_tls);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_in_tls);
     }
 
     sslcf = ngx_mail_get_module_srv_conf(s, ngx_mail_ssl_module);
 
     if (sslcf->starttls == NGX_MAIL_STARTTLS_OFF) {
-        return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_not_impl);
     }
 
     /* RFC 3207: forget everything; drop what was pipelined after it */
@@ -898,7 +898,7 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
 
     return NGX_AGAIN;
 #else
-    return ngx_mail_smtp_ext_reply_error(s, &ngx_smtp_ext_not_impl);
+    return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_not_impl);
 #endif
 }
 
@@ -1298,43 +1298,18 @@ ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s)
 }
 
 
-ngx_int_t
-ngx_mail_smtp_ext_reply_error(ngx_mail_session_t *s, ngx_str_t *reply)
-{
-    ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_core_srv_conf_t      *cscf;
-    ngx_mail_smtp_ext_srv_conf_t  *sscf;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
-
-    s->errors++;
-
-    if (cscf->max_errors && s->errors >= cscf->max_errors) {
-        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
-
-        ngx_log_error(NGX_LOG_INFO, s->connection->log, 0,
-                      "client sent too many invalid commands");
-
-        ngx_mail_smtp_ext_end_tx(s);
-        ngx_mail_smtp_ext_relay_close(s, 1);
-
-        ctx->state = ngx_smtp_ext_closing;
-        (void) ngx_mail_smtp_ext_reply(s, &sscf->too_many_errors);
-
-        return NGX_AGAIN;
-    }
-
-    return ngx_mail_smtp_ext_reply(s, reply);
-}
-
-
-/* queues a reply; NGX_OK so that the command loop goes on */
+/*
+ * Queues a reply.  Every 5xx of our own counts towards max_errors; at the
+ * limit the client gets 421 and the session ends.  NGX_OK lets the
+ * command loop go on, NGX_AGAIN stops it.
+ */
 
 ngx_int_t
 ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
 {
-    ngx_mail_smtp_ext_ctx_t  *ctx;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
@@ -1347,7 +1322,32 @@ ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
 
     ctx->out->last = ngx_cpymem(ctx->out->last, reply->data, reply->len);
 
-    return NGX_OK;
+    if (reply->data[0] != '5' || ctx->state == ngx_smtp_ext_closing) {
+        return NGX_OK;
+    }
+
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+
+    s->errors++;
+
+    if (cscf->max_errors == 0 || s->errors < cscf->max_errors) {
+        return NGX_OK;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, s->connection->log, 0,
+                  "client got too many error replies");
+
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_end_tx(s);
+    ngx_mail_smtp_ext_relay_close(s, 1);
+
+    ctx->state = ngx_smtp_ext_closing;
+    ctx->step = 0;
+
+    (void) ngx_mail_smtp_ext_reply(s, &sscf->too_many_errors);
+
+    return NGX_AGAIN;
 }
 
 
