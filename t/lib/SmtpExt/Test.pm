@@ -314,8 +314,10 @@ sub dir { $_[0]{dir} }
 sub worker_pid {
     my ($self) = @_;
     my $w = $self->{worker};
+    # under valgrind (NGINX_BIN=a wrapper) the title is valgrind's
+    my $title = $ENV{SMTP_EXT_VALGRIND} ? qr/./ : qr/worker process/;
     if ($w && (SmtpExt::Test::read_file("/proc/$w/cmdline") // '')
-        =~ /worker process/)
+        =~ $title)
     {
         return $w;
     }
@@ -326,7 +328,7 @@ sub worker_pid {
         next unless $st =~ /\)\s+\S+\s+(\d+)/;
         next unless $1 == $self->{pid};
         my $cmd = SmtpExt::Test::read_file("/proc/$p/cmdline") // '';
-        return $self->{worker} = $p if $cmd =~ /worker process/;
+        return $self->{worker} = $p if $cmd =~ $title;
     }
     return undef;
 }
