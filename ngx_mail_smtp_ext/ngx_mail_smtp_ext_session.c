@@ -51,7 +51,7 @@ static ngx_str_t  ngx_smtp_ext_too_long = ngx_smtp_ext_reply(
 static ngx_str_t  ngx_smtp_ext_syntax = ngx_smtp_ext_reply(
     "501 5.5.4 Syntax error in parameters or arguments");
 static ngx_str_t  ngx_smtp_ext_not_impl = ngx_smtp_ext_reply(
-    "502 5.5.1 Command not implemented");
+    "502 5.5.1 Command not supported");
 static ngx_str_t  ngx_smtp_ext_no_auth = ngx_smtp_ext_reply(
     "503 5.5.1 Error: authentication not enabled");
 static ngx_str_t  ngx_smtp_ext_need_helo = ngx_smtp_ext_reply(

@@ -1,7 +1,11 @@
 #!/bin/bash
-# Hook called by scripts/demo.sh once the demo Redis is up: fills it with
-# demo users, domains and routes.  Redis support (smtp_ext_redis) is not
-# there yet, so for now it only checks that Redis answers.
+# Called by scripts/demo.sh once the demo Redis is up: the keys of
+# docs/redis.md for the demo.
+#
+#   domain:example.org     -> pool "backends"  (accepted domain)
+#   rcpt:blocked@example.org -> reject
+#   user:alice             password "secret" as a SHA-512 crypt hash
+#   user:bob               password "{PLAIN}secret" (CRAM-MD5 works too)
 #
 # Environment: REDIS_PORT (default 6380).
 
@@ -12,7 +16,10 @@ cli=(redis-cli -h 127.0.0.1 -p "$REDIS_PORT")
 
 "${cli[@]}" ping >/dev/null
 
-# Keys of SPEC §4 will go here, e.g.:
-#   "${cli[@]}" set domain:example.org backends
-#   "${cli[@]}" hset user:alice password '{PLAIN}secret'
-echo "demo-seed: Redis on 127.0.0.1:$REDIS_PORT is up (nothing to seed yet)"
+"${cli[@]}" set domain:example.org backends >/dev/null
+"${cli[@]}" set rcpt:blocked@example.org reject >/dev/null
+"${cli[@]}" hset user:alice password "$(openssl passwd -6 secret)" >/dev/null
+"${cli[@]}" hset user:bob password '{PLAIN}secret' >/dev/null
+
+echo "demo-seed: Redis on 127.0.0.1:$REDIS_PORT has domain:example.org," \
+     "rcpt:blocked@example.org, user:alice and user:bob (password: secret)"

@@ -127,6 +127,16 @@ if [ -n "$CHECK" ]; then
         || { cat "$DEMO/logs/swaks.log"; die "the backend got no message"; }
     grep -q "hello through ngx_mail_smtp_ext" "$DEMO"/mail/msg-*.eml \
         || die "the message at the backend is not the one sent"
+    swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com \
+        --to c@elsewhere.test --auth PLAIN --auth-user alice \
+        --auth-password secret >"$DEMO/logs/swaks-auth.log" 2>&1 \
+        || { cat "$DEMO/logs/swaks-auth.log"; die "authenticated relay failed"; }
+    if swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com \
+        --to c@elsewhere.test >"$DEMO/logs/swaks-relay.log" 2>&1; then
+        die "unauthenticated relay was accepted"
+    fi
+    grep -q "554 5.7.1" "$DEMO/logs/swaks-relay.log" \
+        || { cat "$DEMO/logs/swaks-relay.log"; die "no 554 5.7.1 for relaying"; }
     say "check passed: $(ls "$DEMO"/mail/msg-*.eml)"
     exit 0
 fi
@@ -139,9 +149,19 @@ cat <<EOT
     backend           127.0.0.1:$BACKEND_PORT   mail: $DEMO/mail/
     redis             127.0.0.1:$REDIS_PORT
 
-  Send a test message, from another terminal:
+  Send a test message, from another terminal (example.org is an accepted
+  domain in the demo Redis, so no AUTH is needed):
 
     swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com --to b@example.org
+
+  Relaying elsewhere needs AUTH (users alice and bob, password "secret"):
+
+    swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com --to c@elsewhere.test \\
+          --auth PLAIN --auth-user alice --auth-password secret
+
+  and without it is refused (554 5.7.1 Relay access denied):
+
+    swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com --to c@elsewhere.test
 
   or with curl:
 

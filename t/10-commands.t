@@ -66,7 +66,7 @@ $c->send("VRFY postmaster\r\n");
 is($c->reply(), "252 2.0.0 Cannot VRFY user, but will accept message and"
     . " attempt delivery\r\n", 'VRFY');
 $c->cmd('HELP', qr{^214 2\.0\.0 https://www\.rfc-editor\.org/rfc/rfc5321\r\n\z});
-$c->cmd('EXPN list', qr/^502 5\.5\.1 Command not implemented\r\n\z/);
+$c->cmd('EXPN list', qr/^502 5\.5\.1 Command not supported\r\n\z/);
 $c->cmd('QUIT', qr/^221 2\.0\.0 Bye\r\n\z/);
 ok($c->closed(), 'closed after QUIT');
 

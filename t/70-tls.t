@@ -110,7 +110,7 @@ $c->cmd('QUIT', qr/^221 /);
 $c = smtp_client('plain');
 $c->reply();
 $c->ehlo();
-$c->cmd('STARTTLS', qr/^502 5\.5\.1 Command not implemented\r\n\z/,
+$c->cmd('STARTTLS', qr/^502 5\.5\.1 Command not supported\r\n\z/,
     'STARTTLS without TLS');
 $c->cmd('QUIT', qr/^221 /);
 
