@@ -180,6 +180,7 @@ typedef void (*ngx_mail_smtp_ext_relay_done_pt)(ngx_mail_session_t *s,
 /* ngx_mail_smtp_ext_session.c */
 void ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s,
     ngx_connection_t *c);
+void ngx_mail_smtp_ext_greet(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_init_protocol(ngx_event_t *rev);
 void ngx_mail_smtp_ext_auth_state(ngx_event_t *rev);
 ngx_int_t ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s);
@@ -195,6 +196,9 @@ void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
 ngx_int_t ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line,
     size_t len);
+
+/* ngx_mail_smtp_ext_resolve.c */
+ngx_int_t ngx_mail_smtp_ext_resolve(ngx_mail_session_t *s);
 
 /* ngx_mail_smtp_ext_route.c */
 ngx_int_t ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt);

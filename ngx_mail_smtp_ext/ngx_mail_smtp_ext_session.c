@@ -126,13 +126,11 @@ static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 void
 ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
 {
-    ngx_pool_cleanup_t            *cln;
-    ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_core_srv_conf_t      *cscf;
-    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+    ngx_pool_cleanup_t        *cln;
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_core_srv_conf_t  *cscf;
 
     cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
-    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     ctx = ngx_pcalloc(c->pool, sizeof(ngx_mail_smtp_ext_ctx_t));
     if (ctx == NULL) {
@@ -144,9 +142,6 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
 
     ctx->session = s;
     ctx->size = -1;
-
-    /* no PTR lookups: XCLIENT NAME is sent as unavailable */
-    ngx_str_set(&s->host, "[UNAVAILABLE]");
 
     ctx->out = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_OUT_BUF);
     s->buffer = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_CMD_BUF);
@@ -172,6 +167,37 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
         ngx_mail_close_connection(c);
         return;
     }
+
+    /* with a resolver the greeting waits for the client's name */
+
+    ctx->state = ngx_smtp_ext_wait;
+
+    switch (ngx_mail_smtp_ext_resolve(s)) {
+
+    case NGX_OK:
+        return;
+
+    case NGX_DECLINED:
+        ngx_mail_smtp_ext_greet(s);
+        return;
+
+    default:
+        ngx_mail_close_connection(c);
+        return;
+    }
+}
+
+
+void
+ngx_mail_smtp_ext_greet(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_cmd;
 
     (void) ngx_mail_smtp_ext_reply(s, &sscf->greeting);
 
