@@ -393,16 +393,16 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
 {
     ngx_str_t                      user_key, fail_key;
     ngx_connection_t              *c;
-    ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
     ngx_mail_smtp_ext_redis_cmd_t  cmds[2];
+    const char                    *argv[7];
+    size_t                         argvlen[7];
 
     static const char  *hmget = "HMGET", *get = "GET",
                        *f_password = "password", *f_route = "route",
                        *f_disabled = "disabled";
 
     c = s->connection;
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (s->login.len == 0
@@ -423,28 +423,28 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
     }
 
-    ctx->argv[0] = hmget;
-    ctx->argvlen[0] = 5;
-    ctx->argv[1] = (const char *) user_key.data;
-    ctx->argvlen[1] = user_key.len;
-    ctx->argv[2] = f_password;
-    ctx->argvlen[2] = 8;
-    ctx->argv[3] = f_route;
-    ctx->argvlen[3] = 5;
-    ctx->argv[4] = f_disabled;
-    ctx->argvlen[4] = 8;
+    argv[0] = hmget;
+    argvlen[0] = 5;
+    argv[1] = (const char *) user_key.data;
+    argvlen[1] = user_key.len;
+    argv[2] = f_password;
+    argvlen[2] = 8;
+    argv[3] = f_route;
+    argvlen[3] = 5;
+    argv[4] = f_disabled;
+    argvlen[4] = 8;
 
-    ctx->argv[5] = get;
-    ctx->argvlen[5] = 3;
-    ctx->argv[6] = (const char *) fail_key.data;
-    ctx->argvlen[6] = fail_key.len;
+    argv[5] = get;
+    argvlen[5] = 3;
+    argv[6] = (const char *) fail_key.data;
+    argvlen[6] = fail_key.len;
 
     cmds[0].argc = 5;
-    cmds[0].argv = &ctx->argv[0];
-    cmds[0].argvlen = &ctx->argvlen[0];
+    cmds[0].argv = &argv[0];
+    cmds[0].argvlen = &argvlen[0];
     cmds[1].argc = 2;
-    cmds[1].argv = &ctx->argv[5];
-    cmds[1].argvlen = &ctx->argvlen[5];
+    cmds[1].argv = &argv[5];
+    cmds[1].argvlen = &argvlen[5];
 
     if (ngx_mail_smtp_ext_redis_query(sscf->redis, c->pool, cmds, 2,
                                       ngx_mail_smtp_ext_auth_looked_up, s)
@@ -577,6 +577,12 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
 
     ngx_explicit_memzero(stored.data, stored.len);
 
+    if (rc == NGX_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                      "smtp_ext: unsupported password scheme for user "
+                      "\"%V\"", &s->login);
+    }
+
     ngx_mail_smtp_ext_auth_result(s, rc);
 }
 
@@ -666,15 +672,16 @@ ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s)
     size_t                          len;
     ngx_str_t                       key;
     ngx_connection_t               *c;
-    ngx_mail_smtp_ext_ctx_t        *ctx;
     ngx_mail_smtp_ext_srv_conf_t   *sscf;
     ngx_mail_smtp_ext_redis_cmd_t   cmds[2];
+    const char                     *argv[8];
+    size_t                          argvlen[8];
+    u_char                          window[NGX_TIME_T_LEN];
 
     static const char  *set = "SET", *zero = "0", *ex = "EX", *nx = "NX",
                        *incr = "INCR";
 
     c = s->connection;
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     if (ngx_mail_smtp_ext_redis_key(c->pool, sscf->redis, "authfail:",
@@ -684,33 +691,33 @@ ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s)
         return;
     }
 
-    len = ngx_sprintf(ctx->window, "%T", sscf->auth_fail_window)
-          - ctx->window;
+    len = ngx_sprintf(window, "%T", sscf->auth_fail_window)
+          - window;
 
-    ctx->argv[0] = set;
-    ctx->argvlen[0] = 3;
-    ctx->argv[1] = (const char *) key.data;
-    ctx->argvlen[1] = key.len;
-    ctx->argv[2] = zero;
-    ctx->argvlen[2] = 1;
-    ctx->argv[3] = ex;
-    ctx->argvlen[3] = 2;
-    ctx->argv[4] = (const char *) ctx->window;
-    ctx->argvlen[4] = len;
-    ctx->argv[5] = nx;
-    ctx->argvlen[5] = 2;
+    argv[0] = set;
+    argvlen[0] = 3;
+    argv[1] = (const char *) key.data;
+    argvlen[1] = key.len;
+    argv[2] = zero;
+    argvlen[2] = 1;
+    argv[3] = ex;
+    argvlen[3] = 2;
+    argv[4] = (const char *) window;
+    argvlen[4] = len;
+    argv[5] = nx;
+    argvlen[5] = 2;
 
-    ctx->argv[6] = incr;
-    ctx->argvlen[6] = 4;
-    ctx->argv[7] = (const char *) key.data;
-    ctx->argvlen[7] = key.len;
+    argv[6] = incr;
+    argvlen[6] = 4;
+    argv[7] = (const char *) key.data;
+    argvlen[7] = key.len;
 
     cmds[0].argc = 6;
-    cmds[0].argv = &ctx->argv[0];
-    cmds[0].argvlen = &ctx->argvlen[0];
+    cmds[0].argv = &argv[0];
+    cmds[0].argvlen = &argvlen[0];
     cmds[1].argc = 2;
-    cmds[1].argv = &ctx->argv[6];
-    cmds[1].argvlen = &ctx->argvlen[6];
+    cmds[1].argv = &argv[6];
+    cmds[1].argvlen = &argvlen[6];
 
     (void) ngx_mail_smtp_ext_redis_query(sscf->redis, c->pool, cmds, 2,
                                          ngx_mail_smtp_ext_auth_counted, s);

@@ -580,6 +580,15 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
                     &cscf->server_name);
     conf->timed_out.len = p - conf->timed_out.data;
 
+    /*
+     * The reply buffer holds the longest reply of our own (EHLO) with room
+     * to spare for pipelined short ones; longer backend replies are cut.
+     */
+
+    conf->max_reply = ngx_max(conf->ehlo.len, conf->ehlo_starttls.len);
+    conf->max_reply = ngx_max(conf->max_reply, 128);
+    conf->out_size = ngx_max(conf->max_reply + 128, 512);
+
     return NGX_CONF_OK;
 }
 

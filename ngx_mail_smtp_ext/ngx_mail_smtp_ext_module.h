@@ -28,8 +28,7 @@
 #define NGX_MAIL_SMTP_EXT_TLS_REQUIRED     2
 
 /* buffer sizes: commands, DATA in each direction, backend replies */
-#define NGX_MAIL_SMTP_EXT_CMD_BUF          1024
-#define NGX_MAIL_SMTP_EXT_OUT_BUF          1024
+#define NGX_MAIL_SMTP_EXT_CMD_BUF          NGX_SMTP_MAX_LINE
 #define NGX_MAIL_SMTP_EXT_DATA_BUF         32768
 #define NGX_MAIL_SMTP_EXT_DATA_IN_BUF      16384
 #define NGX_MAIL_SMTP_EXT_REPLY_BUF        4096
@@ -104,6 +103,8 @@ typedef struct {
     ngx_str_t                       ehlo_starttls;  /* STARTTLS offered */
     ngx_str_t                       too_many_errors;
     ngx_str_t                       timed_out;
+    size_t                          out_size;      /* reply buffer */
+    size_t                          max_reply;     /* longest own reply */
 
     u_char                         *file_name;
     ngx_uint_t                      line;
@@ -132,9 +133,12 @@ typedef struct {
     ngx_buf_t                      *out;        /* replies to the client */
     ngx_buf_t                      *cmdbuf;     /* s->buffer between DATAs */
     ngx_buf_t                       dbuf;       /* s->buffer in DATA */
+    ngx_buf_t                       out_buf;
+    ngx_buf_t                       cmd_buf;
 
-    u_char                          helo[NGX_MAIL_SMTP_EXT_HELO_MAX];
+    u_char                         *helo;
     size_t                          helo_len;
+    size_t                          helo_size;
 
     /* transaction, its strings live in tpool */
     ngx_pool_t                     *tpool;
@@ -156,9 +160,6 @@ typedef struct {
     /* AUTH and Redis lookups */
     ngx_uint_t                      auth_state;
     ngx_str_t                       user_route;
-    const char                     *argv[8];
-    size_t                          argvlen[8];
-    u_char                          window[NGX_TIME_T_LEN];
 
     unsigned                        greeted:1;  /* HELO or EHLO seen */
     unsigned                        in_tx:1;    /* MAIL accepted */

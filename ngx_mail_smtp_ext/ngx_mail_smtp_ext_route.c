@@ -56,6 +56,8 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
     ngx_mail_smtp_ext_redis_cmd_t  cmds[2];
+    const char                    *argv[4];
+    size_t                         argvlen[4];
 
     static const char  *get = "GET";
 
@@ -82,14 +84,14 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
         return NGX_DECLINED;
     }
 
-    ctx->argv[0] = get;
-    ctx->argvlen[0] = 3;
-    ctx->argv[1] = (const char *) rcpt_key.data;
-    ctx->argvlen[1] = rcpt_key.len;
+    argv[0] = get;
+    argvlen[0] = 3;
+    argv[1] = (const char *) rcpt_key.data;
+    argvlen[1] = rcpt_key.len;
 
     cmds[0].argc = 2;
-    cmds[0].argv = &ctx->argv[0];
-    cmds[0].argvlen = &ctx->argvlen[0];
+    cmds[0].argv = &argv[0];
+    cmds[0].argvlen = &argvlen[0];
 
     n = 1;
 
@@ -115,14 +117,14 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
             return NGX_DECLINED;
         }
 
-        ctx->argv[2] = get;
-        ctx->argvlen[2] = 3;
-        ctx->argv[3] = (const char *) domain_key.data;
-        ctx->argvlen[3] = domain_key.len;
+        argv[2] = get;
+        argvlen[2] = 3;
+        argv[3] = (const char *) domain_key.data;
+        argvlen[3] = domain_key.len;
 
         cmds[1].argc = 2;
-        cmds[1].argv = &ctx->argv[2];
-        cmds[1].argvlen = &ctx->argvlen[2];
+        cmds[1].argv = &argv[2];
+        cmds[1].argvlen = &argvlen[2];
 
         n = 2;
     }
@@ -198,9 +200,12 @@ ngx_mail_smtp_ext_route_looked_up(void *data, redisReply **replies,
         return;
     }
 
-    /* no route: only an authenticated client may relay */
+    /*
+     * No route: only an authenticated client may relay; "<postmaster>"
+     * must always be taken (RFC 5321 4.5.1).
+     */
 
-    if (s->login.len && sscf->pass) {
+    if (sscf->pass && (s->login.len || n == 1)) {
         ctx->pending_route = sscf->pass;
         ngx_mail_smtp_ext_rcpt_routed(s);
         return;

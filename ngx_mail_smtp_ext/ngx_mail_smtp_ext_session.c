@@ -126,11 +126,15 @@ static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 void
 ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
 {
-    ngx_pool_cleanup_t        *cln;
-    ngx_mail_smtp_ext_ctx_t   *ctx;
-    ngx_mail_core_srv_conf_t  *cscf;
+    u_char                        *p;
+    ngx_buf_t                     *b;
+    ngx_pool_cleanup_t            *cln;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     ctx = ngx_pcalloc(c->pool, sizeof(ngx_mail_smtp_ext_ctx_t));
     if (ctx == NULL) {
@@ -143,15 +147,31 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
     ctx->session = s;
     ctx->size = -1;
 
-    ctx->out = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_OUT_BUF);
-    s->buffer = ngx_create_temp_buf(c->pool, NGX_MAIL_SMTP_EXT_CMD_BUF);
+    /* one allocation for commands and replies: idle sessions stay small */
 
+    p = ngx_pnalloc(c->pool, NGX_MAIL_SMTP_EXT_CMD_BUF + sscf->out_size);
     cln = ngx_pool_cleanup_add(c->pool, 0);
 
-    if (ctx->out == NULL || s->buffer == NULL || cln == NULL) {
+    if (p == NULL || cln == NULL) {
         ngx_mail_close_connection(c);
         return;
     }
+
+    b = &ctx->cmd_buf;
+    b->start = p;
+    b->pos = p;
+    b->last = p;
+    b->end = p + NGX_MAIL_SMTP_EXT_CMD_BUF;
+    b->temporary = 1;
+    s->buffer = b;
+
+    b = &ctx->out_buf;
+    b->start = p + NGX_MAIL_SMTP_EXT_CMD_BUF;
+    b->pos = b->start;
+    b->last = b->start;
+    b->end = b->start + sscf->out_size;
+    b->temporary = 1;
+    ctx->out = b;
 
     cln->handler = ngx_mail_smtp_ext_cleanup;
     cln->data = s;
@@ -292,13 +312,15 @@ ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s)
 static void
 ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
 {
-    ngx_int_t                  rc;
-    ngx_connection_t          *c;
-    ngx_mail_smtp_ext_ctx_t   *ctx;
-    ngx_mail_core_srv_conf_t  *cscf;
+    ngx_int_t                      rc;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     c = s->connection;
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     for ( ;; ) {
 
@@ -311,8 +333,7 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
         case ngx_smtp_ext_cmd:
         case ngx_smtp_ext_auth_line:
 
-            if ((size_t) (ctx->out->end - ctx->out->last)
-                < NGX_SMTP_MAX_LINE)
+            if ((size_t) (ctx->out->end - ctx->out->last) < sscf->max_reply)
             {
                 rc = ngx_mail_smtp_ext_flush(s);
 
@@ -619,6 +640,19 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     if (ctx->greeted) {
         /* the backend knows the old HELO through XCLIENT */
         ngx_mail_smtp_ext_relay_close(s, 1);
+    }
+
+    /* sized to the name: reused while a later HELO fits */
+
+    if (cmd->arg.len > ctx->helo_size) {
+        ctx->helo = ngx_pnalloc(s->connection->pool, cmd->arg.len);
+        if (ctx->helo == NULL) {
+            ctx->helo_size = 0;
+            ctx->helo_len = 0;
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        }
+
+        ctx->helo_size = cmd->arg.len;
     }
 
     ngx_memcpy(ctx->helo, cmd->arg.data, cmd->arg.len);
