@@ -61,7 +61,7 @@ unexport CFLAGS
 MAKEOVERRIDES :=
 NGX_MAKE    := $(MAKE) -f objs/Makefile
 
-.PHONY: all deps build unit fuzz test run clean FORCE
+.PHONY: all deps build unit fuzz test run bench clean FORCE
 
 # "make -j run" must install before building; nginx's own make, called
 # from here, still compiles in parallel
@@ -182,6 +182,11 @@ test: build unit
 
 run: deps build
 	SMTP_EXT_MODULE=$(MOD_OUT) $(TEST_ENV) $(ROOT)/scripts/demo.sh
+
+# the module against stock nginx mail, nginx stream and direct delivery;
+# about 10 minutes, not part of test; see docs/performance.md
+bench: build
+	SMTP_EXT_MODULE=$(MOD_OUT) $(TEST_ENV) $(ROOT)/bench/bench.py
 
 clean:
 	rm -rf $(BUILD)

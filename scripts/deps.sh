@@ -13,6 +13,7 @@ PACKAGES=(
     nginx
     nginx-common
     libnginx-mod-mail
+    libnginx-mod-stream
     nginx-dev
     libhiredis-dev
     libssl-dev
