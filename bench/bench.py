@@ -63,6 +63,16 @@ def env_int(name, default):
 
 
 REPS = env_int('BENCH_REPS', 3)
+
+# The proxy under test on CPU 0, load generator, sink, Redis and the
+# auth_http server on CPU 1: on a 2-core machine they then do not take
+# turns on the proxy's core, which makes its CPU time per message stable.
+PIN = env_int('BENCH_PIN', 1 if os.cpu_count() and os.cpu_count() >= 2
+              else 0)
+
+
+def pinned(cmd, cpu):
+    return (['taskset', '-c', str(cpu)] + cmd) if PIN else cmd
 IDLE = env_int('BENCH_IDLE', 2000)
 TICK = os.sysconf('SC_CLK_TCK')
 RUN_TIMEOUT = 180          # seconds for one smtp-source run
@@ -233,7 +243,8 @@ class Nginx:
         err = os.path.join(self.dir, 'error.log')
         out = open(os.path.join(self.dir, 'stderr.log'), 'w')
         self.proc = subprocess.Popen(
-            [NGINX, '-p', self.dir + '/', '-c', self.conf, '-e', err],
+            pinned([NGINX, '-p', self.dir + '/', '-c', self.conf, '-e', err],
+                   1 if self.name == 'auth' else 0),
             stdout=out, stderr=subprocess.STDOUT)
         procs.append(self.proc)
         wait_listen(self.port, self.proc, 'nginx ' + self.name,
@@ -261,7 +272,7 @@ def start_sink(port):
     u = ['-u', 'nobody'] if os.geteuid() == 0 else []
     out = open(os.path.join(workdir, 'sink.log'), 'w')
     p = subprocess.Popen(
-        [SINK] + u + ['-m', '4096', '127.0.0.1:%d' % port, '4096'],
+        pinned([SINK] + u + ['-m', '4096', '127.0.0.1:%d' % port, '4096'], 1),
         stdout=out, stderr=subprocess.STDOUT)
     procs.append(p)
     wait_listen(port, p, 'smtp-sink', os.path.join(workdir, 'sink.log'))
@@ -286,8 +297,9 @@ def start_redis(port, sink_port):
     os.makedirs(d)
     out = open(os.path.join(d, 'redis.log'), 'w')
     p = subprocess.Popen(
-        [REDIS, '--port', str(port), '--bind', '127.0.0.1', '--save', '',
-         '--appendonly', 'no', '--dir', d, '--daemonize', 'no'],
+        pinned([REDIS, '--port', str(port), '--bind', '127.0.0.1', '--save',
+                '', '--appendonly', 'no', '--dir', d, '--daemonize', 'no'],
+               1),
         stdout=out, stderr=subprocess.STDOUT)
     procs.append(p)
     wait_listen(port, p, 'redis-server', os.path.join(d, 'redis.log'))
@@ -303,9 +315,9 @@ def cpu_of(pids, user_only=False):
 
 
 def run_source(port, args, msgs, size):
-    cmd = ([SOURCE] + args
-           + ['-m', str(msgs), '-l', str(size), '-f', SENDER, '-t', RCPT,
-              '-M', HELO, '127.0.0.1:%d' % port])
+    cmd = pinned([SOURCE] + args
+                 + ['-m', str(msgs), '-l', str(size), '-f', SENDER, '-t',
+                    RCPT, '-M', HELO, '127.0.0.1:%d' % port], 1)
     t0 = time.monotonic()
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=RUN_TIMEOUT)
@@ -413,6 +425,11 @@ def commands(ports):
                                '127.0.0.1:PORT'])))
     lines.append('%-10s %s' % ('sink', ' '.join(
         [SINK, '-u', 'nobody', '-m', '4096', '127.0.0.1:PORT', '4096'])))
+    if PIN:
+        lines.append('%-10s %s' % ('pinning', 'taskset -c 0 for the nginx '
+                     'under test; taskset -c 1 for smtp-source, smtp-sink, '
+                     'redis-server and the auth_http nginx (BENCH_PIN=0 '
+                     'turns it off)'))
     return lines
 
 

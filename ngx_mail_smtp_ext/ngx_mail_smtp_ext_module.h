@@ -30,7 +30,7 @@
 /* buffer sizes: commands, DATA in each direction, backend replies */
 #define NGX_MAIL_SMTP_EXT_CMD_BUF          NGX_SMTP_MAX_LINE
 #define NGX_MAIL_SMTP_EXT_DATA_BUF         32768
-#define NGX_MAIL_SMTP_EXT_DATA_IN_BUF      16384
+#define NGX_MAIL_SMTP_EXT_DATA_IN_BUF      32768
 #define NGX_MAIL_SMTP_EXT_REPLY_BUF        4096
 #define NGX_MAIL_SMTP_EXT_HELO_MAX         255
 

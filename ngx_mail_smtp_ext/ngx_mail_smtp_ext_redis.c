@@ -35,6 +35,7 @@ typedef struct {
     ngx_msec_t                           backoff;
     ngx_uint_t                           timeouts;
     ngx_uint_t                           setup_pending;
+    unsigned                             writing:1;
 } ngx_mail_smtp_ext_redis_srv_t;
 
 
@@ -690,7 +691,12 @@ ngx_mail_smtp_ext_redis_write_handler(ngx_event_t *wev)
         return;
     }
 
+    srv->writing = 1;
+
+    /* may free the context and the connection */
     redisAsyncHandleWrite(srv->ac);
+
+    srv->writing = 0;
 }
 
 
@@ -744,14 +750,27 @@ ngx_mail_smtp_ext_redis_add_write(void *privdata)
 
     c = srv->conn;
 
-    if (c && !c->write->active) {
-        if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT)
-            != NGX_OK)
-        {
-            ngx_log_error(NGX_LOG_ALERT, c->log, 0,
-                          "redis %V: cannot add write event",
-                          &srv->conf->name);
+    if (c == NULL || c->write->active) {
+        return;
+    }
+
+    /*
+     * A connected context writes the commands of this event cycle in one
+     * go after it, without a write event; only a write that did not
+     * finish waits for one.
+     */
+
+    if (srv->ac && (srv->ac->c.flags & REDIS_CONNECTED) && !srv->writing) {
+        if (!c->write->posted) {
+            ngx_post_event(c->write, &ngx_posted_events);
         }
+
+        return;
+    }
+
+    if (ngx_add_event(c->write, NGX_WRITE_EVENT, NGX_LEVEL_EVENT) != NGX_OK) {
+        ngx_log_error(NGX_LOG_ALERT, c->log, 0,
+                      "redis %V: cannot add write event", &srv->conf->name);
     }
 }
 

@@ -274,7 +274,9 @@ ngx_mail_smtp_ext_auth_state(ngx_event_t *rev)
         ngx_log_error(NGX_LOG_INFO, c->log, NGX_ETIMEDOUT,
                       "client timed out");
 
-        if (ctx->state == ngx_smtp_ext_data) {
+        if (ctx->state == ngx_smtp_ext_data
+            || ctx->state == ngx_smtp_ext_data_wait)
+        {
             /* the message stays unfinished at the backend */
             ngx_mail_smtp_ext_relay_close(s, 0);
         }
@@ -1038,10 +1040,17 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
         return NGX_OK;
     }
 
-    /* the backend does not keep up: stop reading until it does */
+    /*
+     * The backend does not keep up: stop reading until it does.  The
+     * client waits for us now: the relay's write timeout applies.
+     */
 
     ctx->state = ngx_smtp_ext_data_wait;
     ctx->step = 0;
+
+    if (s->connection->read->timer_set) {
+        ngx_del_timer(s->connection->read);
+    }
 
     return NGX_AGAIN;
 }
