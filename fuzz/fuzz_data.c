@@ -72,7 +72,7 @@ rnd(uint32_t *s)
 
 static void
 run(const u_char *in, size_t n, int reject, off_t max, uint32_t seed,
-    size_t room, result_t *res)
+    size_t room, int verbatim, result_t *res)
 {
     int              rc;
     size_t           pos, clen, iu, ou, stall;
@@ -122,6 +122,25 @@ run(const u_char *in, size_t n, int reject, off_t max, uint32_t seed,
         memcpy(chunk, in + pos, clen);
 
         was_bare = d.bare;
+
+        if (verbatim) {
+            /* the zero-copy path: what passes unchanged, then the rest */
+
+            iu = ngx_smtp_data_verbatim(&d, chunk, chunk + clen,
+                                        rnd(&s) % 8);
+            if (iu > clen) {
+                fail("verbatim beyond the input");
+            }
+
+            if (iu) {
+                memcpy(res->out + res->out_len, chunk, iu);
+                res->out_len += iu;
+                pos += iu;
+                free(chunk);
+                stall = 0;
+                continue;
+            }
+        }
 
         rc = ngx_smtp_data_scan(&d, chunk, chunk + clen, out, out + room,
                                 &iu, &ou);
@@ -352,7 +371,7 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     off_t      max;
     size_t     n, room;
     uint32_t   seed;
-    result_t   one, many, small, ref;
+    result_t   one, many, small, ref, direct;
     const u_char  *in;
 
     if (size < 4 || size > FUZZ_MAX_IN) {
@@ -379,9 +398,10 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     in = data + 4;
     n = size - 4;
 
-    run(in, n, reject, max, 0, 2 * n + 8, &one);
-    run(in, n, reject, max, seed, 2 * n + 8, &many);
-    run(in, n, reject, max, seed, room, &small);
+    run(in, n, reject, max, 0, 2 * n + 8, 0, &one);
+    run(in, n, reject, max, seed, 2 * n + 8, 0, &many);
+    run(in, n, reject, max, seed, room, 0, &small);
+    run(in, n, reject, max, seed, room, 1, &direct);
     model(in, n, reject, max, &ref);
 
     invariants(in, &one, reject);
@@ -398,10 +418,15 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         fail("the scanner differs from the model");
     }
 
+    if (!same(&one, &direct)) {
+        fail("the zero-copy path changes the result");
+    }
+
     free(one.out);
     free(many.out);
     free(small.out);
     free(ref.out);
+    free(direct.out);
 
     return 0;
 }

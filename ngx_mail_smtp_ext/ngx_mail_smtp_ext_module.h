@@ -31,6 +31,7 @@
 #define NGX_MAIL_SMTP_EXT_CMD_BUF          NGX_SMTP_MAX_LINE
 #define NGX_MAIL_SMTP_EXT_DATA_BUF         32768
 #define NGX_MAIL_SMTP_EXT_DATA_IN_BUF      32768
+#define NGX_MAIL_SMTP_EXT_DIRECT_MIN       2048  /* zero-copy DATA run */
 #define NGX_MAIL_SMTP_EXT_REPLY_BUF        4096
 #define NGX_MAIL_SMTP_EXT_HELO_MAX         255
 
@@ -228,6 +229,8 @@ void ngx_mail_smtp_ext_relay_data(ngx_mail_session_t *s);
 ngx_buf_t *ngx_mail_smtp_ext_relay_body_buf(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s,
     ngx_uint_t last);
+ngx_int_t ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s,
+    u_char *p, size_t len);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit);
 ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,

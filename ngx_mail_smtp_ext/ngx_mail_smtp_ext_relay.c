@@ -1330,6 +1330,58 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
 }
 
 
+/*
+ * Sends body octets from the session's input buffer; the out buffer is
+ * empty then.  What the socket does not take now is kept in the out
+ * buffer and goes as ngx_mail_smtp_ext_relay_body() would send it.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s, u_char *p,
+    size_t len)
+{
+    ssize_t                     n;
+    ngx_connection_t           *c;
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->broken || r->pc.connection == NULL
+        || len > (size_t) (r->out->end - r->out->last))
+    {
+        return NGX_ERROR;
+    }
+
+    c = r->pc.connection;
+
+    while (len) {
+        n = c->send(c, p, len);
+
+        if (n == NGX_ERROR) {
+            ngx_mail_smtp_ext_relay_fail(r, "closed the connection in DATA");
+            return NGX_ERROR;
+        }
+
+        if (n == NGX_AGAIN || n == 0) {
+            break;
+        }
+
+        p += n;
+        len -= n;
+    }
+
+    if (len == 0) {
+        return NGX_OK;
+    }
+
+    r->out->last = ngx_cpymem(r->out->last, p, len);
+
+    return ngx_mail_smtp_ext_relay_body(s, 0);
+}
+
+
 void
 ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s)
 {

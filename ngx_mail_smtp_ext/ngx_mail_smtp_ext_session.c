@@ -975,9 +975,10 @@ static ngx_int_t
 ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
 {
     int                       rc;
-    size_t                    in_used, out_used;
+    size_t                    in_used, out_used, len, rest;
     ngx_int_t                 n;
     ngx_buf_t                *b, *ob;
+    ngx_smtp_data_t           verbatim;
     ngx_mail_smtp_ext_ctx_t  *ctx;
     u_char                    scratch[NGX_SMTP_MAX_LINE];
 
@@ -992,6 +993,42 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
     }
 
     while (b->pos < b->last) {
+
+        if (ob && ob->pos == ob->last) {
+
+            /*
+             * Text that passes unchanged goes to the backend from the
+             * input buffer: no copy.  A short run, or one that leaves a
+             * short rest such as the final dot, is cheaper copied and
+             * sent in one piece.
+             */
+
+            verbatim = ctx->data;
+            len = ngx_min((size_t) (b->last - b->pos),
+                          (size_t) (ob->end - ob->start));
+            len = ngx_smtp_data_verbatim(&verbatim, b->pos, b->pos + len,
+                                         NGX_MAIL_SMTP_EXT_DIRECT_MIN);
+            rest = b->last - b->pos - len;
+
+            if (len && (rest == 0 || rest >= NGX_MAIL_SMTP_EXT_DIRECT_MIN)) {
+                ctx->data = verbatim;
+
+                n = ngx_mail_smtp_ext_relay_body_direct(s, b->pos, len);
+                b->pos += len;
+
+                if (n == NGX_OK) {
+                    continue;
+                }
+
+                if (n == NGX_ERROR) {
+                    ctx->data_failed = 1;
+                    ob = NULL;
+                    continue;
+                }
+
+                goto blocked;
+            }
+        }
 
         if (ob) {
             rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
@@ -1039,6 +1076,8 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
         ctx->data_failed = 1;
         return NGX_OK;
     }
+
+blocked:
 
     /*
      * The backend does not keep up: stop reading until it does.  The

@@ -318,5 +318,17 @@ typedef struct {
 int ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
     u_char *out, u_char *out_last, size_t *in_used, size_t *out_used);
 
+/*
+ * The zero-copy path: how many octets at the start of [in, in_last) the
+ * scanner would pass to the backend unchanged.  When that is at least
+ * min, the state advances over them exactly as ngx_smtp_data_scan()
+ * would, and the glue sends them from the input buffer itself; otherwise
+ * nothing changes and 0 is returned.  Anything that needs the state
+ * machine (a dot or CR held at a line start, a bare line ending, the end
+ * of data, the size limit) ends the run.
+ */
+size_t ngx_smtp_data_verbatim(ngx_smtp_data_t *d, u_char *in,
+    u_char *in_last, size_t min);
+
 
 #endif /* _NGX_SMTP_CORE_H_INCLUDED_ */

@@ -234,6 +234,87 @@ done:
 }
 
 
+size_t
+ngx_smtp_data_verbatim(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
+    size_t min)
+{
+    u_char    *q, *end;
+    size_t     n;
+    unsigned   state;
+
+    if (d->too_big || (d->reject && d->bare) || in == in_last) {
+        return 0;
+    }
+
+    switch (d->state) {
+
+    case ngx_smtp_data_text:
+        break;
+
+    case ngx_smtp_data_start:
+    case ngx_smtp_data_start_bare:
+        /* a line start passes through only with an ordinary octet */
+        if (*in == '.' || *in == '\r' || *in == '\n') {
+            return 0;
+        }
+
+        break;
+
+    default:
+        /* an octet is held */
+        return 0;
+    }
+
+    n = in_last - in;
+
+    if (d->max_size > 0) {
+        if (d->size >= d->max_size) {
+            return 0;
+        }
+
+        if ((off_t) n > d->max_size - d->size) {
+            n = (size_t) (d->max_size - d->size);
+        }
+    }
+
+    /* the same runs as ngx_smtp_data_run() takes */
+
+    end = in + n;
+    q = in;
+    state = ngx_smtp_data_text;
+
+    for ( ;; ) {
+        q = ngx_smtp_data_eol(q, end);
+
+        if (q == end || *q == '\n') {
+            break;
+        }
+
+        if (q + 1 == end || q[1] != '\n') {
+            break;
+        }
+
+        q += 2;
+
+        if (q == end || *q == '.' || *q == '\r' || *q == '\n') {
+            state = ngx_smtp_data_start;
+            break;
+        }
+    }
+
+    n = q - in;
+
+    if (n == 0 || n < min) {
+        return 0;
+    }
+
+    d->state = state;
+    d->size += n;
+
+    return n;
+}
+
+
 /*
  * Counts n octets of output and writes them unless output has stopped;
  * output stops exactly at max_size octets, so that the result does not
