@@ -1349,6 +1349,99 @@ test_data_big(void)
 }
 
 
+/*
+ * The zero-copy path: verbatim runs sent from the input plus the scanner
+ * for the rest give exactly what the scanner alone gives, at every split.
+ */
+
+static void
+test_data_verbatim(void)
+{
+    int              rc;
+    size_t           i, k, split, iu, ou, v, ref_len, got_len, len;
+    u_char           ref[256], got[256], out[256];
+    u_char          *p, *last;
+    ngx_smtp_data_t  d;
+
+    static const char  *vectors[] = {
+        "Subject: x\r\n\r\nline one\r\nline two\r\n.\r\n",
+        "a\r\n..dot\r\nb\nc\rd\r\n.\n.\r\n\r\n.\r\n",
+        "text\r\n.\r",
+        "xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\r\n"
+        "yyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyyy\r\n.\r\n",
+    };
+
+    for (k = 0; k < sizeof(vectors) / sizeof(vectors[0]); k++) {
+        len = strlen(vectors[k]);
+
+        /* the scanner alone */
+
+        memset(&d, 0, sizeof(d));
+        d.max_size = 100;
+        rc = ngx_smtp_data_scan(&d, (u_char *) vectors[k],
+                                (u_char *) vectors[k] + len, ref,
+                                ref + sizeof(ref), &iu, &ref_len);
+        (void) rc;
+
+        for (split = 0; split <= len; split++) {
+            memset(&d, 0, sizeof(d));
+            d.max_size = 100;
+            got_len = 0;
+
+            p = (u_char *) vectors[k];
+
+            for (i = 0; i < 2; i++) {
+                last = (i == 0) ? (u_char *) vectors[k] + split
+                                : (u_char *) vectors[k] + len;
+
+                while (p < last) {
+                    v = ngx_smtp_data_verbatim(&d, p, last, 1);
+
+                    if (v) {
+                        memcpy(got + got_len, p, v);
+                        got_len += v;
+                        p += v;
+                        continue;
+                    }
+
+                    rc = ngx_smtp_data_scan(&d, p, last, out,
+                                            out + sizeof(out), &iu, &ou);
+                    memcpy(got + got_len, out, ou);
+                    got_len += ou;
+                    p += iu;
+
+                    if (rc == NGX_SMTP_OK || (iu == 0 && ou == 0)) {
+                        break;
+                    }
+                }
+            }
+
+            CHECK(got_len == ref_len && memcmp(got, ref, ref_len) == 0,
+                  "verbatim vector %zu split %zu: %s, expected %s", k, split,
+                  show(got, got_len), show(ref, ref_len));
+        }
+    }
+
+    /* a limit: never past it, and nothing held or at a dot */
+
+    memset(&d, 0, sizeof(d));
+    d.max_size = 10;
+    v = ngx_smtp_data_verbatim(&d, (u_char *) "0123456789abc\r\n",
+                               (u_char *) "0123456789abc\r\n" + 15, 1);
+    CHECK(v == 10 && d.size == 10, "verbatim stops at the limit: %zu", v);
+
+    memset(&d, 0, sizeof(d));
+    v = ngx_smtp_data_verbatim(&d, (u_char *) ".\r\n", (u_char *) ".\r\n" + 3,
+                               1);
+    CHECK(v == 0 && d.state == 0, "verbatim leaves a dot line alone");
+
+    memset(&d, 0, sizeof(d));
+    p = (u_char *) "abc\r\ndef";
+    v = ngx_smtp_data_verbatim(&d, p, p + 8, 100);
+    CHECK(v == 0 && d.size == 0, "verbatim below min changes nothing");
+}
+
+
 int
 main(void)
 {
@@ -1362,6 +1455,7 @@ main(void)
     test_data_vectors();
     test_data_random();
     test_data_big();
+    test_data_verbatim();
 
     printf("%u passed, %u failed\n", passed, failed);
 
