@@ -32,6 +32,9 @@ static ngx_int_t ngx_mail_smtp_ext_add_peers(ngx_conf_t *cf,
 static ngx_mail_smtp_ext_peer_t *ngx_mail_smtp_ext_pick(
     ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried, ngx_uint_t backup,
     time_t now);
+static ngx_uint_t ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer,
+    ngx_uint_t i, ngx_uint_t tried, ngx_uint_t backup, ngx_uint_t single,
+    time_t now);
 
 
 char *
@@ -377,17 +380,8 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
     for (i = 0; i < pool->peers.nelts; i++) {
         peer = &peers[i];
 
-        if (peer->backup != backup
-            || peer->down
-            || (tried & ((ngx_uint_t) 1 << i)))
-        {
-            continue;
-        }
-
-        if (!single
-            && peer->max_fails
-            && peer->fails >= peer->max_fails
-            && now - peer->checked <= peer->fail_timeout)
+        if (!ngx_mail_smtp_ext_peer_usable(peer, i, tried, backup, single,
+                                           now))
         {
             continue;
         }
@@ -407,17 +401,8 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
     for (i = 0; i < pool->peers.nelts; i++) {
         peer = &peers[i];
 
-        if (peer->backup != backup
-            || peer->down
-            || (tried & ((ngx_uint_t) 1 << i)))
-        {
-            continue;
-        }
-
-        if (!single
-            && peer->max_fails
-            && peer->fails >= peer->max_fails
-            && now - peer->checked <= peer->fail_timeout)
+        if (!ngx_mail_smtp_ext_peer_usable(peer, i, tried, backup, single,
+                                           now))
         {
             continue;
         }
@@ -451,6 +436,35 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
     }
 
     return best;
+}
+
+
+/*
+ * Peer i may take this connect: of the tier asked for, not down, not
+ * tried yet, and not failed max_fails times within fail_timeout (a single
+ * peer is always tried, as nginx's upstream does).
+ */
+
+static ngx_uint_t
+ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t i,
+    ngx_uint_t tried, ngx_uint_t backup, ngx_uint_t single, time_t now)
+{
+    if (peer->backup != backup
+        || peer->down
+        || (tried & ((ngx_uint_t) 1 << i)))
+    {
+        return 0;
+    }
+
+    if (!single
+        && peer->max_fails
+        && peer->fails >= peer->max_fails
+        && now - peer->checked <= peer->fail_timeout)
+    {
+        return 0;
+    }
+
+    return 1;
 }
 
 
