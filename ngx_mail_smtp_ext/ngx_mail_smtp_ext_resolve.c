@@ -93,6 +93,7 @@ ngx_mail_smtp_ext_resolve(ngx_mail_session_t *s)
 static void
 ngx_mail_smtp_ext_resolve_addr_handler(ngx_resolver_ctx_t *rctx)
 {
+    ngx_int_t                  state;
     ngx_str_t                  name;
     ngx_connection_t          *c;
     ngx_mail_session_t        *s;
@@ -101,18 +102,21 @@ ngx_mail_smtp_ext_resolve_addr_handler(ngx_resolver_ctx_t *rctx)
     s = rctx->data;
     c = s->connection;
 
-    if (rctx->state) {
+    state = rctx->state;
+
+    if (state) {
         ngx_log_error(NGX_LOG_INFO, c->log, 0,
                       "%V could not be resolved (%i: %s)", &c->addr_text,
-                      rctx->state, ngx_resolver_strerror(rctx->state));
+                      state, ngx_resolver_strerror(state));
+
+        /* the context is freed here: only the saved state is used after */
 
         ngx_resolve_addr_done(rctx);
         s->resolver_ctx = NULL;
 
-        ngx_mail_smtp_ext_resolve_done(s,
-                                       rctx->state == NGX_RESOLVE_NXDOMAIN
-                                       ? &ngx_mail_smtp_ext_unavailable
-                                       : &ngx_mail_smtp_ext_tempunavail);
+        ngx_mail_smtp_ext_resolve_done(s, state == NGX_RESOLVE_NXDOMAIN
+                                          ? &ngx_mail_smtp_ext_unavailable
+                                          : &ngx_mail_smtp_ext_tempunavail);
         return;
     }
 
