@@ -6,6 +6,7 @@
 #   make unit     C unit tests of the protocol core (ASan + UBSan)
 #   make fuzz     libFuzzer runs, FUZZ_TIME seconds each
 #   make test     build + unit + the Perl integration tests in t/
+#   make asan     the integration tests with the module under ASan
 #   make run      deps + build + a local demo on 127.0.0.1:2525
 #   make clean
 
@@ -61,7 +62,7 @@ unexport CFLAGS
 MAKEOVERRIDES :=
 NGX_MAKE    := $(MAKE) -f objs/Makefile
 
-.PHONY: all deps build unit fuzz test run bench clean FORCE
+.PHONY: all deps build unit fuzz test asan run bench clean FORCE
 
 # "make -j run" must install before building; nginx's own make, called
 # from here, still compiles in parallel
@@ -190,3 +191,7 @@ bench: build
 
 clean:
 	rm -rf $(BUILD)
+
+# the integration tests with the module built under AddressSanitizer
+asan: unit
+	@$(ROOT)/scripts/asan-test.sh
