@@ -228,6 +228,13 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
     }
 
     cc = r->pc.connection;
+
+    /* whole commands and the last piece of a message go out at once */
+
+    if (r->pc.sockaddr->sa_family != AF_UNIX) {
+        (void) ngx_tcp_nodelay(cc);
+    }
+
     cc->data = r;
     cc->pool = r->pool;
     cc->log = c->log;

@@ -181,6 +181,12 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
     c->read->handler = ngx_mail_smtp_ext_auth_state;
     c->write->handler = ngx_mail_smtp_ext_write_handler;
 
+    /* replies are whole: no reason to wait for the client's ACK */
+
+    if (c->sockaddr->sa_family != AF_UNIX) {
+        (void) ngx_tcp_nodelay(c);
+    }
+
     ngx_add_timer(c->read, cscf->timeout);
 
     if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
