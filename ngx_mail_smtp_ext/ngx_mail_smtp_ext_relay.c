@@ -78,6 +78,10 @@ struct ngx_mail_smtp_ext_relay_s {
 
     ngx_event_t                        fail_ev;
 
+    /* unsent body octets still in the session's input buffer */
+    u_char                            *ext_pos;
+    u_char                            *ext_last;
+
     unsigned                           mail_sent:1;
     unsigned                           need_rset:1;
     unsigned                           tls:1;
@@ -307,6 +311,10 @@ static void
 ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t failed)
 {
+    /* nothing more is sent from the session's buffer */
+    r->ext_pos = NULL;
+    r->ext_last = NULL;
+
     if (r->pc.connection) {
 #if (NGX_MAIL_SSL)
         if (r->pc.connection->ssl) {
@@ -457,6 +465,7 @@ ngx_mail_smtp_ext_relay_peer_name(ngx_mail_session_t *s)
 static void
 ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
 {
+    ngx_int_t                   rc;
     ngx_connection_t           *c;
     ngx_mail_smtp_ext_relay_t  *r;
 
@@ -469,20 +478,18 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
         return;
     }
 
-    if (ngx_mail_smtp_ext_relay_flush(r) == NGX_ERROR) {
-        if (r->handshaked) {
-            ngx_mail_smtp_ext_relay_fail(r, "closed the connection");
+    rc = ngx_mail_smtp_ext_relay_flush(r);
 
-        } else {
-            ngx_mail_smtp_ext_relay_next(r, "could not be connected");
-        }
-
+    if (rc == NGX_ERROR) {
+        ngx_mail_smtp_ext_relay_error(r, "closed the connection");
         return;
     }
 
-    if (r->state == ngx_relay_body && r->body_blocked
-        && r->out->pos == r->out->last)
-    {
+    if (rc == NGX_AGAIN) {
+        return;
+    }
+
+    if (r->state == ngx_relay_body && r->body_blocked) {
         r->body_blocked = 0;
 
         if (r->last) {
@@ -503,15 +510,30 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
 static ngx_int_t
 ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 {
+    u_char                       **pos, *last;
     ssize_t                        n;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     c = r->pc.connection;
 
-    while (r->out->pos < r->out->last) {
+    /* body octets left in the session's input buffer go first */
 
-        n = c->send(c, r->out->pos, r->out->last - r->out->pos);
+    for ( ;; ) {
+
+        if (r->ext_pos < r->ext_last) {
+            pos = &r->ext_pos;
+            last = r->ext_last;
+
+        } else if (r->out->pos < r->out->last) {
+            pos = &r->out->pos;
+            last = r->out->last;
+
+        } else {
+            break;
+        }
+
+        n = c->send(c, *pos, last - *pos);
 
         if (n == NGX_ERROR) {
             return NGX_ERROR;
@@ -532,9 +554,11 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
             return NGX_AGAIN;
         }
 
-        r->out->pos += n;
+        *pos += n;
     }
 
+    r->ext_pos = NULL;
+    r->ext_last = NULL;
     r->out->pos = r->out->start;
     r->out->last = r->out->start;
 
@@ -1339,8 +1363,8 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
 
 /*
  * Sends body octets from the session's input buffer; the out buffer is
- * empty then.  What the socket does not take now is kept in the out
- * buffer and goes as ngx_mail_smtp_ext_relay_body() would send it.
+ * empty then.  What the socket does not take now is sent from there when
+ * the socket can take it, as ngx_mail_smtp_ext_relay_body() would.
  */
 
 ngx_int_t
@@ -1356,7 +1380,7 @@ ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s, u_char *p,
     r = ctx->relay;
 
     if (r == NULL || r->broken || r->pc.connection == NULL
-        || len > (size_t) (r->out->end - r->out->last))
+        || r->out->pos != r->out->last)
     {
         return NGX_ERROR;
     }
@@ -1383,7 +1407,13 @@ ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s, u_char *p,
         return NGX_OK;
     }
 
-    r->out->last = ngx_cpymem(r->out->last, p, len);
+    /*
+     * The rest stays where it is: the session reads nothing more until
+     * the relay has written it and resumes the session.
+     */
+
+    r->ext_pos = p;
+    r->ext_last = p + len;
 
     return ngx_mail_smtp_ext_relay_body(s, 0);
 }
