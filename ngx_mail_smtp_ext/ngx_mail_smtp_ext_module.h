@@ -229,8 +229,9 @@ void ngx_mail_smtp_ext_relay_data(ngx_mail_session_t *s);
 ngx_buf_t *ngx_mail_smtp_ext_relay_body_buf(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s,
     ngx_uint_t last);
-ngx_int_t ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s,
+ngx_int_t ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s,
     u_char *p, size_t len);
+ngx_uint_t ngx_mail_smtp_ext_relay_span_pending(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit);
 ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,

@@ -512,12 +512,41 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 {
     u_char                       **pos, *last;
     ssize_t                        n;
+    ngx_buf_t                      b;
+    ngx_chain_t                    cl[2];
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     c = r->pc.connection;
 
-    /* body octets left in the session's input buffer go first */
+    /*
+     * Body octets in the session's input buffer go first: both pieces in
+     * one writev() when the relay's own buffer has the rest of the chunk.
+     * Not through TLS: its send_chain keeps a partial record buffered,
+     * and the plain writes below must not overtake it.
+     */
+
+    if (r->ext_pos < r->ext_last && r->out->pos < r->out->last
+        && c->ssl == NULL)
+    {
+        ngx_memzero(&b, sizeof(ngx_buf_t));
+        b.start = r->ext_pos;
+        b.pos = r->ext_pos;
+        b.last = r->ext_last;
+        b.end = r->ext_last;
+        b.memory = 1;
+
+        cl[0].buf = &b;
+        cl[0].next = &cl[1];
+        cl[1].buf = r->out;
+        cl[1].next = NULL;
+
+        if (c->send_chain(c, cl, 0) == NGX_CHAIN_ERROR) {
+            return NGX_ERROR;
+        }
+
+        r->ext_pos = b.pos;
+    }
 
     for ( ;; ) {
 
@@ -1362,17 +1391,16 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
 
 
 /*
- * Sends body octets from the session's input buffer; the out buffer is
- * empty then.  What the socket does not take now is sent from there when
- * the socket can take it, as ngx_mail_smtp_ext_relay_body() would.
+ * Body octets that pass unchanged are sent from the session's input
+ * buffer, ahead of what the relay's own buffer gets after them, by the
+ * next ngx_mail_smtp_ext_relay_body().  The session reads nothing more
+ * until they are written.
  */
 
 ngx_int_t
-ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s, u_char *p,
+ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s, u_char *p,
     size_t len)
 {
-    ssize_t                     n;
-    ngx_connection_t           *c;
     ngx_mail_smtp_ext_ctx_t    *ctx;
     ngx_mail_smtp_ext_relay_t  *r;
 
@@ -1380,42 +1408,28 @@ ngx_mail_smtp_ext_relay_body_direct(ngx_mail_session_t *s, u_char *p,
     r = ctx->relay;
 
     if (r == NULL || r->broken || r->pc.connection == NULL
-        || r->out->pos != r->out->last)
+        || r->out->pos != r->out->last || r->ext_pos != r->ext_last)
     {
         return NGX_ERROR;
     }
 
-    c = r->pc.connection;
-
-    while (len) {
-        n = c->send(c, p, len);
-
-        if (n == NGX_ERROR) {
-            ngx_mail_smtp_ext_relay_fail(r, "closed the connection in DATA");
-            return NGX_ERROR;
-        }
-
-        if (n == NGX_AGAIN || n == 0) {
-            break;
-        }
-
-        p += n;
-        len -= n;
-    }
-
-    if (len == 0) {
-        return NGX_OK;
-    }
-
-    /*
-     * The rest stays where it is: the session reads nothing more until
-     * the relay has written it and resumes the session.
-     */
-
     r->ext_pos = p;
     r->ext_last = p + len;
 
-    return ngx_mail_smtp_ext_relay_body(s, 0);
+    return NGX_OK;
+}
+
+
+ngx_uint_t
+ngx_mail_smtp_ext_relay_span_pending(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    return r != NULL && r->ext_pos != r->ext_last;
 }
 
 

@@ -981,7 +981,7 @@ static ngx_int_t
 ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
 {
     int                       rc;
-    size_t                    in_used, out_used, len, rest;
+    size_t                    in_used, out_used, len;
     ngx_int_t                 n;
     ngx_buf_t                *b, *ob;
     ngx_smtp_data_t           verbatim;
@@ -1000,13 +1000,14 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
 
     while (b->pos < b->last) {
 
-        if (ob && ob->pos == ob->last) {
-
+        if (ob && ob->pos == ob->last
+            && !ngx_mail_smtp_ext_relay_span_pending(s))
+        {
             /*
              * Text that passes unchanged goes to the backend from the
-             * input buffer: no copy.  A short run, or one that leaves a
-             * short rest such as the final dot, is cheaper copied and
-             * sent in one piece.
+             * input buffer, no copy; what follows it in this chunk (the
+             * final dot, say) is scanned into the relay's buffer and both
+             * go out in one write.
              */
 
             verbatim = ctx->data;
@@ -1014,25 +1015,14 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
                           (size_t) (ob->end - ob->start));
             len = ngx_smtp_data_verbatim(&verbatim, b->pos, b->pos + len,
                                          NGX_MAIL_SMTP_EXT_DIRECT_MIN);
-            rest = b->last - b->pos - len;
 
-            if (len && (rest == 0 || rest >= NGX_MAIL_SMTP_EXT_DIRECT_MIN)) {
+            if (len
+                && ngx_mail_smtp_ext_relay_body_span(s, b->pos, len)
+                   == NGX_OK)
+            {
                 ctx->data = verbatim;
-
-                n = ngx_mail_smtp_ext_relay_body_direct(s, b->pos, len);
                 b->pos += len;
-
-                if (n == NGX_OK) {
-                    continue;
-                }
-
-                if (n == NGX_ERROR) {
-                    ctx->data_failed = 1;
-                    ob = NULL;
-                    continue;
-                }
-
-                goto blocked;
+                continue;
             }
         }
 
@@ -1068,7 +1058,9 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
         }
     }
 
-    if (ob == NULL || ob->last == ob->pos) {
+    if (ob == NULL
+        || (ob->last == ob->pos && !ngx_mail_smtp_ext_relay_span_pending(s)))
+    {
         return NGX_AGAIN;
     }
 
@@ -1082,8 +1074,6 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
         ctx->data_failed = 1;
         return NGX_OK;
     }
-
-blocked:
 
     /*
      * The backend does not keep up: stop reading until it does.  The

@@ -86,6 +86,19 @@ is($tls->raw(1), "EHLO mx.test\r\nSTARTTLS\r\nEHLO mx.test\r\n" . $tail,
 like($tls->log(1), qr/^\* tls handshake/m, 'handshake happened');
 is(scalar($tls->messages), 1, 'one message');
 
+# a big message through TLS: body sent from the input buffer (writev
+# through TLS), then the final dot
+
+my $big = join '', map { sprintf("%05d %s\r\n", $_, 'x' x 70) } 1 .. 1500;
+$c = client('s_tls');
+$c->cmd('RCPT TO:<c@d.test>', qr/^250 2\.1\.5 /);
+$c->cmd('DATA', qr/^354 /);
+$c->send($big . ".\r\n");
+$c->expect(qr/^250 2\.0\.0 Ok: queued/, 'big message through TLS');
+$c->cmd('QUIT', qr/^221 /);
+ok($tls->wait_closed(2), 'closed');
+is(($tls->messages)[1], $big, 'big message intact through TLS');
+
 # on, not offered: plaintext
 
 $c = client('s_opp');
