@@ -163,7 +163,7 @@ cat <<EOT
 
     swaks --server 127.0.0.1:$SMTP_PORT --from a@example.com --to c@elsewhere.test
 
-  or with curl:
+  The first message again, with curl:
 
     printf 'Subject: hi\r\n\r\nhello\r\n' \\
         | curl -sS smtp://127.0.0.1:$SMTP_PORT \\
