@@ -35,8 +35,6 @@ static ngx_str_t  ngx_smtp_ext_auth_tempfail = ngx_string(
     "454 4.7.0 Temporary authentication failure" CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_limit = ngx_string(
     "454 4.7.0 Too many authentication failures, try again later" CRLF);
-static ngx_str_t  ngx_smtp_ext_auth_need_helo = ngx_string(
-    "503 5.5.1 Send HELO/EHLO first" CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_twice = ngx_string(
     "503 5.5.1 Already authenticated" CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_in_tx = ngx_string(
@@ -47,8 +45,6 @@ static ngx_str_t  ngx_smtp_ext_auth_aborted = ngx_string(
     "501 5.7.0 Authentication aborted" CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_decode = ngx_string(
     "501 5.5.2 Cannot decode response" CRLF);
-static ngx_str_t  ngx_smtp_ext_auth_need_tls = ngx_string(
-    "530 5.7.0 Must issue a STARTTLS command first" CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_plain_ask = ngx_string("334 " CRLF);
 static ngx_str_t  ngx_smtp_ext_auth_user_ask = ngx_string(
     "334 VXNlcm5hbWU6" CRLF);
@@ -78,25 +74,17 @@ static void ngx_mail_smtp_ext_auth_forget(ngx_mail_session_t *s);
 ngx_int_t
 ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 {
-    ngx_connection_t              *c;
+    ngx_str_t                     *reply;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
-    c = s->connection;
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-    if (!ctx->greeted) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_need_helo);
+    reply = ngx_mail_smtp_ext_not_ready(s);
+    if (reply) {
+        return ngx_mail_smtp_ext_reply(s, reply);
     }
-
-#if (NGX_MAIL_SSL)
-    if (ngx_mail_starttls_only(s, c)) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_need_tls);
-    }
-#else
-    (void) c;
-#endif
 
     if (s->login.len) {
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_twice);

@@ -190,6 +190,7 @@ void ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     ngx_uint_t code, u_char *reply, size_t len);
 void ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply);
+ngx_str_t *ngx_mail_smtp_ext_not_ready(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_lookup_done(ngx_mail_session_t *s, ngx_str_t *reply);
 void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);

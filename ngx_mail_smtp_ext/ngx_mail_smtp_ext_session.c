@@ -689,10 +689,37 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 }
 
 
+/*
+ * MAIL and AUTH need a HELO/EHLO first and, with "starttls only", TLS:
+ * the reply that refuses them, or NULL.
+ */
+
+ngx_str_t *
+ngx_mail_smtp_ext_not_ready(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (!ctx->greeted) {
+        return &ngx_smtp_ext_need_helo;
+    }
+
+#if (NGX_MAIL_SSL)
+    if (ngx_mail_starttls_only(s, s->connection)) {
+        return &ngx_smtp_ext_need_tls;
+    }
+#endif
+
+    return NULL;
+}
+
+
 static ngx_int_t
 ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 {
     u_char                        *p;
+    ngx_str_t                     *reply;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
@@ -701,15 +728,10 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-    if (!ctx->greeted) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_helo);
+    reply = ngx_mail_smtp_ext_not_ready(s);
+    if (reply) {
+        return ngx_mail_smtp_ext_reply(s, reply);
     }
-
-#if (NGX_MAIL_SSL)
-    if (ngx_mail_starttls_only(s, c)) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_tls);
-    }
-#endif
 
     if (sscf->require_auth && s->login.len == 0) {
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_auth);
