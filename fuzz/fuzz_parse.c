@@ -227,6 +227,50 @@ check_lines(const u_char *data, size_t size, size_t max)
 }
 
 
+/*
+ * Shortened to any size, a reply stays one well-formed reply with the
+ * same code that fits the size, its final line last.
+ */
+
+static void
+check_shorten(u_char *p, size_t len, ngx_smtp_reply_t *r)
+{
+    int               rc;
+    size_t            size, n;
+    u_char           *dst;
+    ngx_smtp_reply_t  r2;
+
+    for (size = 0; size < len + 6 * r->lines + 8; size += 1 + size / 4) {
+        dst = malloc(size + 1);
+        n = ngx_smtp_shorten_reply(dst, size, p, len);
+
+        if (size < NGX_SMTP_SHORT_REPLY_MIN) {
+            if (n != 0) {
+                fail("shorten_reply wrote into a too small buffer");
+            }
+
+            free(dst);
+            continue;
+        }
+
+        if (n > size) {
+            fail("shorten_reply wrote past its size");
+        }
+
+        memset(&r2, 0, sizeof(r2));
+        rc = ngx_smtp_parse_reply(dst, dst + n, (size_t) -1, &r2);
+
+        if (rc != NGX_SMTP_OK || r2.len != n || r2.code != r->code
+            || r2.lines > r->lines)
+        {
+            fail("a shortened reply is not one reply of the same code");
+        }
+
+        free(dst);
+    }
+}
+
+
 static void
 check_copy(u_char *p, size_t len, size_t lines, ngx_smtp_reply_t *r)
 {
@@ -263,6 +307,8 @@ check_copy(u_char *p, size_t len, size_t lines, ngx_smtp_reply_t *r)
         {
             fail("a copied reply does not parse as the original");
         }
+
+        check_shorten(p, len, r);
     }
 
     free(dst);

@@ -251,6 +251,18 @@ void ngx_smtp_parse_ehlo(u_char *p, size_t len, ngx_smtp_ehlo_t *ehlo);
  */
 size_t ngx_smtp_copy_reply(u_char *dst, u_char *p, size_t len);
 
+/*
+ * Copies a complete reply as ngx_smtp_copy_reply() does, into at most
+ * size octets: the first lines that fit whole, then the final line, so
+ * that the result is a well-formed reply with the same code (RFC 5321
+ * 4.2.1).  A final line that alone does not fit is cut and given a CRLF
+ * of its own.  Returns the octets written, 0 when size is below
+ * NGX_SMTP_SHORT_REPLY_MIN.
+ */
+#define NGX_SMTP_SHORT_REPLY_MIN    32
+size_t ngx_smtp_shorten_reply(u_char *dst, size_t size, u_char *p,
+    size_t len);
+
 
 /*
  * xtext (RFC 3461 4): '+', '=', octets below '!' or above '~' become

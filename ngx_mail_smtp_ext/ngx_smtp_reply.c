@@ -279,6 +279,61 @@ ngx_smtp_copy_reply(u_char *dst, u_char *p, size_t len)
 
 
 size_t
+ngx_smtp_shorten_reply(u_char *dst, size_t size, u_char *p, size_t len)
+{
+    u_char  *d, *last, *final, *lf, *next;
+    size_t   n, budget;
+
+    if (size < NGX_SMTP_SHORT_REPLY_MIN || len < 5) {
+        return 0;
+    }
+
+    last = p + len;
+
+    /* the final line starts after the last LF before its own CRLF */
+
+    for (final = last - 2; final > p && final[-1] != '\n'; final--) {
+        /* void */
+    }
+
+    d = dst;
+    n = last - final;
+
+    if (n + 6 > size) {
+        /* the final line alone is too long: its head, a CRLF of our own */
+
+        n = size - 8;
+        d += ngx_smtp_copy_reply(d, final, n);
+        *d++ = '\r';
+        *d++ = '\n';
+
+        return d - dst;
+    }
+
+    /* leading lines while they fit beside the final one, whole or none */
+
+    budget = size - (n + 6);
+
+    for ( /* void */ ; p < final; p = next) {
+        lf = memchr(p, '\n', final - p);
+        next = lf ? lf + 1 : final;
+
+        if ((size_t) (next - p) + 6 > budget) {
+            break;
+        }
+
+        n = ngx_smtp_copy_reply(d, p, next - p);
+        d += n;
+        budget -= n;
+    }
+
+    d += ngx_smtp_copy_reply(d, final, last - final);
+
+    return d - dst;
+}
+
+
+size_t
 ngx_smtp_xtext_encode(u_char *dst, u_char *src, size_t len)
 {
     u_char         c, *d;

@@ -750,6 +750,52 @@ test_copy_reply(void)
 
 
 static void
+check_shorten(const char *in, size_t size, const char *expect, int line)
+{
+    size_t  n;
+    u_char  dst[256];
+
+    n = ngx_smtp_shorten_reply(dst, size, (u_char *) in, strlen(in));
+
+    if (n == strlen(expect) && memcmp(dst, expect, n) == 0 && n <= size) {
+        passed++;
+
+    } else {
+        failed++;
+        printf("FAIL %s:%d: shorten_reply(%zu) \"%s\" gave \"%s\"\n",
+               __FILE__, line, size, show((u_char *) in, strlen(in)),
+               show(dst, n));
+    }
+}
+
+
+static void
+test_shorten_reply(void)
+{
+    const char  *four = "550-5.1.1 aaaaaaaaaaaaaaaaaaaa\r\n"
+                        "550-5.1.1 bbbbbbbbbbbbbbbbbbbb\r\n"
+                        "550-5.1.1 cccccccccccccccccccc\r\n"
+                        "550 5.1.1 dddddddddddddddddddd\r\n";
+
+    /* room for all: the same as copy_reply */
+    check_shorten(four, 200, four, __LINE__);
+    /* room for two lines and the final one: whole lines only */
+    check_shorten(four, 110,
+                  "550-5.1.1 aaaaaaaaaaaaaaaaaaaa\r\n"
+                  "550-5.1.1 bbbbbbbbbbbbbbbbbbbb\r\n"
+                  "550 5.1.1 dddddddddddddddddddd\r\n", __LINE__);
+    check_shorten(four, 40, "550 5.1.1 dddddddddddddddddddd\r\n",
+                  __LINE__);
+    /* the final line alone is too long: cut, with a CRLF */
+    check_shorten(four, 32, "550 5.1.1 dddddddddddddd\r\n", __LINE__);
+    check_shorten(four, 31, "", __LINE__);
+    check_shorten("250 ok\r\n", 64, "250 2.0.0 ok\r\n", __LINE__);
+    check_shorten("250-a\r\n250 b\r\n", 32, "250-2.0.0 a\r\n250 2.0.0 b\r\n",
+                  __LINE__);
+}
+
+
+static void
 test_xtext(void)
 {
     size_t  n;
@@ -1451,6 +1497,7 @@ main(void)
     test_replies();
     test_ehlo();
     test_copy_reply();
+    test_shorten_reply();
     test_xtext();
     test_data_vectors();
     test_data_random();
