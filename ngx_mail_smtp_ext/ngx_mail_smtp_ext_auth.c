@@ -737,3 +737,19 @@ ngx_mail_smtp_ext_auth_forget(ngx_mail_session_t *s)
     s->passwd.len = 0;
     s->passwd.data = NULL;
 }
+
+
+/* forgets any authentication and any exchange under way */
+
+void
+ngx_mail_smtp_ext_auth_reset(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_auth_forget(s);
+
+    ctx->auth_state = NGX_SMTP_EXT_AUTH_NONE;
+    ctx->user_route.len = 0;
+}

@@ -150,6 +150,13 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_timeout),
       NULL },
 
+    { ngx_string("smtp_ext_min_data_rate"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, min_data_rate),
+      NULL },
+
     { ngx_string("smtp_ext_bare_lf"),
       NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_enum_slot,
@@ -332,6 +339,7 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
     sscf->upstream_tls = NGX_CONF_UNSET_UINT;
     sscf->connect_timeout = NGX_CONF_UNSET_MSEC;
     sscf->upstream_timeout = NGX_CONF_UNSET_MSEC;
+    sscf->min_data_rate = NGX_CONF_UNSET_UINT;
     sscf->bare_lf = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_limit = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_window = NGX_CONF_UNSET;
@@ -371,6 +379,7 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_uint_value(conf->auth_fail_limit, prev->auth_fail_limit,
                               5);
     ngx_conf_merge_value(conf->auth_fail_window, prev->auth_fail_window, 600);
+    ngx_conf_merge_uint_value(conf->min_data_rate, prev->min_data_rate, 500);
 
     if (conf->pass_name.data == NULL) {
         conf->pass_name = prev->pass_name;

@@ -89,6 +89,7 @@ typedef struct {
     ngx_uint_t                      bare_lf;
     ngx_uint_t                      auth_fail_limit;
     time_t                          auth_fail_window;
+    ngx_uint_t                      min_data_rate;
 
     ngx_mail_smtp_ext_redis_conf_t *redis;
     ngx_thread_pool_t              *thread_pool;
@@ -121,7 +122,6 @@ typedef enum {
     ngx_smtp_ext_wait,          /* a backend step or lookup is pending */
     ngx_smtp_ext_auth_line,     /* an AUTH continuation line is due */
     ngx_smtp_ext_data,          /* streaming the message */
-    ngx_smtp_ext_data_wait,     /* end of data sent, backend reply due */
     ngx_smtp_ext_starttls,      /* 220 queued, handshake next */
     ngx_smtp_ext_closing        /* reply queued, close after it */
 } ngx_mail_smtp_ext_state_e;
@@ -136,6 +136,12 @@ typedef struct {
     ngx_buf_t                       dbuf;       /* s->buffer in DATA */
     ngx_buf_t                       out_buf;
     ngx_buf_t                       cmd_buf;
+    ngx_buf_t                       big_out;    /* heap, for long replies */
+
+    /* DATA: its deadline grows with the octets received */
+    ngx_msec_t                      data_start;
+    off_t                           data_in;
+    ngx_msec_t                      wait_start;
 
     u_char                         *helo;
     size_t                          helo_len;
@@ -154,6 +160,8 @@ typedef struct {
     ngx_smtp_data_t                 data;
     ngx_uint_t                      step;       /* backend step awaited */
     ngx_str_t                      *pending_rcpt;
+    ngx_str_t                       rcpt;       /* in rcpt_buf */
+    u_char                         *rcpt_buf;   /* in tpool */
     ngx_mail_smtp_ext_pool_t       *pending_route;
 
     ngx_mail_smtp_ext_relay_t      *relay;
@@ -188,7 +196,6 @@ void ngx_mail_smtp_ext_auth_state(ngx_event_t *rev);
 ngx_int_t ngx_mail_smtp_ext_parse_command(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     ngx_uint_t code, u_char *reply, size_t len);
-void ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply);
 ngx_str_t *ngx_mail_smtp_ext_not_ready(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s);
@@ -199,6 +206,7 @@ void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
 ngx_int_t ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line,
     size_t len);
+void ngx_mail_smtp_ext_auth_reset(ngx_mail_session_t *s);
 
 /* ngx_mail_smtp_ext_resolve.c */
 ngx_int_t ngx_mail_smtp_ext_resolve(ngx_mail_session_t *s);
@@ -220,8 +228,9 @@ ngx_uint_t ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
 
 /*
  * ngx_mail_smtp_ext_relay.c: the backend connection of a session.  Each
- * call starts one step and ends in exactly one ngx_mail_smtp_ext_relay_done
- * call, never from inside the call that started it.
+ * call that starts a step (open, rcpt, data, a body write that returned
+ * NGX_AGAIN) ends in exactly one ngx_mail_smtp_ext_relay_done() call,
+ * never from inside the call that started it.
  */
 ngx_int_t ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool);
@@ -233,6 +242,8 @@ ngx_int_t ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s,
 ngx_int_t ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s,
     u_char *p, size_t len);
 ngx_uint_t ngx_mail_smtp_ext_relay_span_pending(ngx_mail_session_t *s);
+ngx_uint_t ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s,
+    u_char **p, size_t *len);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit);
 ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,

@@ -8,8 +8,15 @@
  * The backend side of a session: connect to a peer of the route's pool
  * (trying the next one on connect, greeting or handshake failure), EHLO,
  * optional STARTTLS and XCLIENT, then MAIL/RCPT/DATA on the session's
- * behalf and the message body with back-pressure.  Every step ends in one
- * ngx_mail_smtp_ext_relay_done() call.
+ * behalf and the message body with back-pressure.
+ *
+ * The relay owns at most one pending operation, started by the session
+ * (open, RCPT, DATA, a blocked body write, the final dot).  Whatever ends
+ * it (a reply, a timeout, a reset, a TLS failure) goes through
+ * ngx_mail_smtp_ext_relay_complete(), which calls the session back
+ * exactly once.  A failure closes the backend connection at once and
+ * marks the relay broken; the structure itself belongs to the session,
+ * which frees it with ngx_mail_smtp_ext_relay_close().
  */
 
 
@@ -46,7 +53,10 @@ typedef enum {
 
 
 #define NGX_RELAY_MAX_CMDS   3
-#define NGX_RELAY_FAIL_MAX   512
+#define NGX_RELAY_FAIL_MAX   1024
+#define NGX_RELAY_CMD_BUF    4096
+/* of a reply too long for the input buffer, the head kept */
+#define NGX_RELAY_REPLY_KEEP 2048
 
 
 struct ngx_mail_smtp_ext_relay_s {
@@ -61,7 +71,9 @@ struct ngx_mail_smtp_ext_relay_s {
     ngx_mail_smtp_ext_relay_state_e    state;
 
     ngx_buf_t                         *in;
-    ngx_buf_t                         *out;
+    ngx_buf_t                         *out;        /* cmd_out or data_out */
+    ngx_buf_t                         *cmd_out;
+    ngx_buf_t                          data_out;   /* heap, in DATA only */
     ngx_smtp_reply_t                   reply;
     ngx_smtp_ehlo_t                    ehlo;
 
@@ -72,6 +84,7 @@ struct ngx_mail_smtp_ext_relay_s {
     ngx_uint_t                         sent_cmds;
     ngx_uint_t                         done_cmds;
 
+    /* the MAIL reply that a failed RCPT gets, or an early DATA reply */
     u_char                             fail[NGX_RELAY_FAIL_MAX];
     size_t                             fail_len;
     ngx_uint_t                         fail_code;
@@ -87,8 +100,9 @@ struct ngx_mail_smtp_ext_relay_s {
     unsigned                           tls:1;
     unsigned                           handshaked:1;
     unsigned                           broken:1;
-    unsigned                           body_blocked:1;
-    unsigned                           last:1;
+    unsigned                           pending:1;  /* the session waits */
+    unsigned                           last:1;     /* the dot is queued */
+    unsigned                           reply_cut:1;
 };
 
 
@@ -99,7 +113,12 @@ static void ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r,
 static void ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t failed);
 static void ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r,
-    char *reason);
+    char *reason, ngx_uint_t failed);
+static void ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r,
+    ngx_int_t rc, ngx_uint_t code, u_char *p, size_t len);
+static void ngx_mail_smtp_ext_relay_data_free(ngx_mail_smtp_ext_relay_t *r);
+static ngx_int_t ngx_mail_smtp_ext_relay_read_reply(
+    ngx_mail_smtp_ext_relay_t *r, ngx_uint_t *code, u_char **p, size_t *len);
 static void ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r);
 static void ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev);
 static void ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev);
@@ -155,13 +174,17 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
     r->pool = p;
     r->upstream = pool;
 
-    r->in = ngx_create_temp_buf(p, NGX_MAIL_SMTP_EXT_REPLY_BUF);
-    r->out = ngx_create_temp_buf(p, NGX_MAIL_SMTP_EXT_DATA_BUF);
+    /* the 32 KiB body buffer is taken only in DATA */
 
-    if (r->in == NULL || r->out == NULL) {
+    r->in = ngx_create_temp_buf(p, NGX_MAIL_SMTP_EXT_REPLY_BUF);
+    r->cmd_out = ngx_create_temp_buf(p, NGX_RELAY_CMD_BUF);
+
+    if (r->in == NULL || r->cmd_out == NULL) {
         ngx_destroy_pool(p);
         return NGX_ERROR;
     }
+
+    r->out = r->cmd_out;
 
     ctx->relay = r;
 
@@ -169,6 +192,8 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
         ngx_mail_smtp_ext_relay_free(r);
         return NGX_ERROR;
     }
+
+    r->pending = 1;
 
     return NGX_AGAIN;
 }
@@ -249,8 +274,10 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
 
     r->in->pos = r->in->start;
     r->in->last = r->in->start;
+    r->out = r->cmd_out;
     r->out->pos = r->out->start;
     r->out->last = r->out->start;
+    r->reply_cut = 0;
     ngx_memzero(&r->reply, sizeof(ngx_smtp_reply_t));
     ngx_memzero(&r->ehlo, sizeof(ngx_smtp_ehlo_t));
     r->tls = 0;
@@ -301,9 +328,9 @@ ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r, char *reason)
         return;
     }
 
-    ngx_mail_smtp_ext_relay_free(r);
+    r->broken = 1;
 
-    ngx_mail_smtp_ext_relay_done(s, NGX_ERROR, 451, NULL, 0);
+    ngx_mail_smtp_ext_relay_complete(r, NGX_ERROR, 451, NULL, 0);
 }
 
 
@@ -311,9 +338,12 @@ static void
 ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t failed)
 {
-    /* nothing more is sent from the session's buffer */
+    /* nothing more is sent, from the session's buffer or ours */
     r->ext_pos = NULL;
     r->ext_last = NULL;
+    r->last = 0;
+
+    ngx_mail_smtp_ext_relay_data_free(r);
 
     if (r->pc.connection) {
 #if (NGX_MAIL_SSL)
@@ -335,46 +365,53 @@ ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
 
 
 /*
- * A backend failed after the handshake: close it.  A step in progress
- * ends with NGX_ERROR; a blocked body write resumes the session, which
- * then learns it from ngx_mail_smtp_ext_relay_body().
+ * A backend failed after the handshake: close it at once, so that it
+ * gets nothing more (no final dot in particular), and end the pending
+ * operation.  "failed" counts against the peer (max_fails).
  */
 
 static void
-ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r, char *reason)
+ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r, char *reason,
+    ngx_uint_t failed)
 {
-    ngx_mail_session_t                *s;
-    ngx_mail_smtp_ext_relay_state_e    state;
-
-    s = r->session;
-
-    ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+    ngx_log_error(NGX_LOG_ERR, r->session->connection->log, 0,
                   "smtp_ext: backend %V %s",
                   r->peer ? &r->peer->name : &r->upstream->name, reason);
 
-    state = r->state;
-
-    ngx_mail_smtp_ext_relay_close_peer(r, 0);
+    ngx_mail_smtp_ext_relay_close_peer(r, failed);
     r->broken = 1;
+    r->state = ngx_relay_idle;
 
-    switch (state) {
+    ngx_mail_smtp_ext_relay_complete(r, NGX_ERROR, 451, NULL, 0);
+}
 
-    case ngx_relay_idle:
-        ngx_mail_smtp_ext_relay_free(r);
-        return;
 
-    case ngx_relay_body:
-        if (r->body_blocked) {
-            r->body_blocked = 0;
-            ngx_mail_smtp_ext_resume_data(s);
-        }
-        return;
+/* the one way back to the session: at most once per pending operation */
 
-    default:
-        ngx_mail_smtp_ext_relay_free(r);
-        ngx_mail_smtp_ext_relay_done(s, NGX_ERROR, 451, NULL, 0);
+static void
+ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r, ngx_int_t rc,
+    ngx_uint_t code, u_char *p, size_t len)
+{
+    if (!r->pending) {
         return;
     }
+
+    r->pending = 0;
+
+    ngx_mail_smtp_ext_relay_done(r->session, rc, code, p, len);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_data_free(ngx_mail_smtp_ext_relay_t *r)
+{
+    if (r->data_out.start == NULL) {
+        return;
+    }
+
+    ngx_free(r->data_out.start);
+    r->data_out.start = NULL;
+    r->out = r->cmd_out;
 }
 
 
@@ -382,6 +419,8 @@ static void
 ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r)
 {
     ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    r->pending = 0;
 
     ngx_mail_smtp_ext_relay_close_peer(r, 0);
 
@@ -417,7 +456,7 @@ ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit)
 
     /* a polite QUIT, only when nothing else is in flight */
 
-    if (quit && c && r->state == ngx_relay_idle
+    if (quit && c && r->state == ngx_relay_idle && !r->pending
         && r->out->pos == r->out->last)
     {
         (void) c->send(c, (u_char *) "QUIT" CRLF, sizeof("QUIT" CRLF) - 1);
@@ -439,6 +478,7 @@ ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
 
     return r != NULL
            && !r->broken
+           && !r->pending
            && r->pc.connection != NULL
            && r->upstream == pool
            && (r->state == ngx_relay_idle || r->state == ngx_relay_cmds);
@@ -474,7 +514,7 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
 
     if (wev->timedout) {
         wev->timedout = 0;
-        ngx_mail_smtp_ext_relay_fail(r, "timed out while sending");
+        ngx_mail_smtp_ext_relay_error(r, "timed out while sending");
         return;
     }
 
@@ -485,20 +525,18 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
         return;
     }
 
-    if (rc == NGX_AGAIN) {
+    if (rc == NGX_AGAIN || r->state != ngx_relay_body) {
         return;
     }
 
-    if (r->state == ngx_relay_body && r->body_blocked) {
-        r->body_blocked = 0;
+    /* a blocked body write is done: the dot's reply is due, or more body */
 
-        if (r->last) {
-            r->state = ngx_relay_dot;
-            return;
-        }
-
-        ngx_mail_smtp_ext_resume_data(r->session);
+    if (r->last) {
+        r->state = ngx_relay_dot;
+        return;
     }
+
+    ngx_mail_smtp_ext_relay_complete(r, NGX_OK, 0, NULL, 0);
 }
 
 
@@ -512,12 +550,14 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 {
     u_char                       **pos, *last;
     ssize_t                        n;
+    ngx_uint_t                     progress;
     ngx_buf_t                      b;
     ngx_chain_t                    cl[2];
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     c = r->pc.connection;
+    progress = 0;
 
     /*
      * Body octets in the session's input buffer go first: both pieces in
@@ -545,6 +585,7 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
             return NGX_ERROR;
         }
 
+        progress = (b.pos != r->ext_pos);
         r->ext_pos = b.pos;
     }
 
@@ -572,7 +613,9 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
             sscf = ngx_mail_get_module_srv_conf(r->session,
                                                 ngx_mail_smtp_ext_module);
 
-            if (!c->write->timer_set && r->handshaked) {
+            /* a write that makes no progress is bounded, not a slow one */
+
+            if (r->handshaked && (progress || !c->write->timer_set)) {
                 ngx_add_timer(c->write, sscf->upstream_timeout);
             }
 
@@ -584,6 +627,7 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
         }
 
         *pos += n;
+        progress = 1;
     }
 
     r->ext_pos = NULL;
@@ -602,10 +646,9 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 static void
 ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev)
 {
-    int                         rc;
-    size_t                      len;
-    ssize_t                     n;
     u_char                     *p;
+    size_t                      len;
+    ngx_int_t                   rc;
     ngx_uint_t                  code;
     ngx_connection_t           *c;
     ngx_mail_smtp_ext_relay_t  *r;
@@ -619,73 +662,148 @@ ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev)
         return;
     }
 
+    rc = ngx_mail_smtp_ext_relay_read_reply(r, &code, &p, &len);
+
+    if (rc == NGX_AGAIN) {
+        if (ngx_handle_read_event(rev, 0) != NGX_OK) {
+            ngx_mail_smtp_ext_relay_error(r, "failed");
+        }
+
+        return;
+    }
+
+    if (rc == NGX_ERROR) {
+        return;
+    }
+
+    if (r->in->pos != r->in->last) {
+
+        if (r->state == ngx_relay_starttls) {
+            /* RFC 3207 4.2: nothing sent in plaintext may reach TLS */
+            ngx_mail_smtp_ext_relay_next(r,
+                                  "sent data after its STARTTLS reply");
+            return;
+        }
+
+        /* more replies wait: handle them after this one */
+        ngx_post_event(rev, &ngx_posted_events);
+    }
+
+    /* the relay may be gone afterwards: touch nothing */
+
+    ngx_mail_smtp_ext_relay_reply(r, code, p, len);
+}
+
+
+/*
+ * Reads until one whole reply is in r->in: NGX_OK with the reply at *p
+ * (valid until the next read), NGX_AGAIN, or NGX_ERROR when the relay
+ * already failed.  Of a reply longer than the buffer the first lines and
+ * the final one are kept: its code decides, its text is cut.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t *code, u_char **p, size_t *len)
+{
+    int                rc;
+    size_t             n, keep;
+    ssize_t            size;
+    ngx_buf_t         *b;
+    ngx_connection_t  *c;
+
+    c = r->pc.connection;
+    b = r->in;
+
     for ( ;; ) {
 
-        if (r->in->pos < r->in->last) {
+        if (b->pos < b->last) {
 
-            rc = ngx_smtp_parse_reply(r->in->pos, r->in->last,
-                                      NGX_SMTP_MAX_LINE * 2, &r->reply);
+            rc = ngx_smtp_parse_reply(b->pos, b->last, NGX_SMTP_MAX_LINE * 2,
+                                      &r->reply);
 
             if (rc == NGX_SMTP_ERROR) {
                 ngx_mail_smtp_ext_relay_error(r, "sent an invalid reply");
-                return;
+                return NGX_ERROR;
             }
 
             if (rc == NGX_SMTP_OK) {
-                p = r->in->pos;
-                len = r->reply.len;
-                code = r->reply.code;
+                *p = b->pos;
+                *len = r->reply.len;
+                *code = r->reply.code;
+
+                if (r->reply_cut) {
+                    r->reply_cut = 0;
+                    ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                                  "smtp_ext: backend %V sent a too long "
+                                  "reply, its text is cut",
+                                  &r->peer->name);
+                }
 
                 ngx_memzero(&r->reply, sizeof(ngx_smtp_reply_t));
 
-                r->in->pos += len;
+                b->pos += *len;
 
-                if (r->in->pos == r->in->last) {
+                if (b->pos == b->last) {
                     /* the reply stays readable until the next recv() */
-                    r->in->pos = r->in->start;
-                    r->in->last = r->in->start;
-
-                } else {
-                    /* more replies wait: handle them after this one */
-                    ngx_post_event(rev, &ngx_posted_events);
+                    b->pos = b->start;
+                    b->last = b->start;
                 }
 
-                /* the relay may be gone afterwards: touch nothing */
-
-                ngx_mail_smtp_ext_relay_reply(r, code, p, len);
-                return;
+                return NGX_OK;
             }
 
-            if (r->in->pos != r->in->start) {
-                len = r->in->last - r->in->pos;
-                ngx_memmove(r->in->start, r->in->pos, len);
-                r->in->pos = r->in->start;
-                r->in->last = r->in->start + len;
+            if (b->pos != b->start) {
+                n = b->last - b->pos;
+                ngx_memmove(b->start, b->pos, n);
+                b->pos = b->start;
+                b->last = b->start + n;
             }
         }
 
-        if (r->in->last == r->in->end) {
-            ngx_mail_smtp_ext_relay_error(r, "sent a too long reply");
-            return;
+        if (b->last == b->end) {
+
+            /*
+             * A reply longer than the buffer: keep the whole lines of its
+             * head, drop the lines after them as they come, up to the
+             * final line.  The parser only counts scanned octets.
+             */
+
+            keep = r->reply.scanned;
+
+            if (keep > NGX_RELAY_REPLY_KEEP) {
+                for (keep = NGX_RELAY_REPLY_KEEP;
+                     keep && b->pos[keep - 1] != LF;
+                     keep--)
+                {
+                    /* void */
+                }
+            }
+
+            if (keep == 0 || keep == r->reply.scanned) {
+                ngx_mail_smtp_ext_relay_error(r, "sent a too long reply");
+                return NGX_ERROR;
+            }
+
+            n = b->last - (b->pos + r->reply.scanned);
+            ngx_memmove(b->pos + keep, b->pos + r->reply.scanned, n);
+            b->last = b->pos + keep + n;
+            r->reply.scanned = keep;
+            r->reply_cut = 1;
         }
 
-        n = c->recv(c, r->in->last, r->in->end - r->in->last);
+        size = c->recv(c, b->last, b->end - b->last);
 
-        if (n == NGX_AGAIN) {
-            break;
+        if (size == NGX_AGAIN) {
+            return NGX_AGAIN;
         }
 
-        if (n == NGX_ERROR || n == 0) {
+        if (size == NGX_ERROR || size == 0) {
             ngx_mail_smtp_ext_relay_error(r, "closed the connection");
-            return;
+            return NGX_ERROR;
         }
 
-        r->in->last += n;
-    }
-
-    if (ngx_handle_read_event(rev, 0) != NGX_OK) {
-        ngx_mail_smtp_ext_relay_error(r, "failed");
-        return;
+        b->last += size;
     }
 }
 
@@ -696,7 +814,7 @@ static void
 ngx_mail_smtp_ext_relay_error(ngx_mail_smtp_ext_relay_t *r, char *reason)
 {
     if (r->handshaked) {
-        ngx_mail_smtp_ext_relay_fail(r, reason);
+        ngx_mail_smtp_ext_relay_fail(r, reason, 1);
 
     } else {
         ngx_mail_smtp_ext_relay_next(r, reason);
@@ -730,10 +848,9 @@ static void
 ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
     u_char *p, size_t len)
 {
-    ngx_connection_t    *c;
-    ngx_mail_session_t  *s;
+    u_char            *buf;
+    ngx_connection_t  *c;
 
-    s = r->session;
     c = r->pc.connection;
 
     if (!r->handshaked) {
@@ -746,40 +863,77 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
         return;
     }
 
-    if (c->read->timer_set) {
-        ngx_del_timer(c->read);
-    }
-
     switch (r->state) {
 
     case ngx_relay_data:
-        if (code == 354) {
-            r->state = ngx_relay_body;
-
-        } else {
-            r->state = ngx_relay_idle;
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
         }
 
-        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        if (code != 354) {
+            r->state = ngx_relay_idle;
+            ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
+            return;
+        }
+
+        if (r->out->pos != r->out->last) {
+            ngx_mail_smtp_ext_relay_fail(r, "replied before DATA was sent",
+                                         0);
+            return;
+        }
+
+        /* the body buffer: from the heap, for this message only */
+
+        buf = ngx_alloc(NGX_MAIL_SMTP_EXT_DATA_BUF, c->log);
+        if (buf == NULL) {
+            ngx_mail_smtp_ext_relay_fail(r, "has no body buffer", 0);
+            return;
+        }
+
+        r->data_out.start = buf;
+        r->data_out.pos = buf;
+        r->data_out.last = buf;
+        r->data_out.end = buf + NGX_MAIL_SMTP_EXT_DATA_BUF;
+        r->data_out.temporary = 1;
+        r->out = &r->data_out;
+
+        r->state = ngx_relay_body;
+        ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
+        return;
+
+    case ngx_relay_body:
+
+        /*
+         * A reply while the message, or its final dot, is still being
+         * written: the backend gave up.  It gets nothing more; its own
+         * 5xx is kept for the client, who is read to the end of data.
+         */
+
+        r->fail_code = (code / 100 == 5) ? code : 0;
+        r->fail_len = r->fail_code
+                      ? ngx_smtp_shorten_reply(r->fail, NGX_RELAY_FAIL_MAX,
+                                               p, len)
+                      : 0;
+
+        ngx_mail_smtp_ext_relay_fail(r, "replied during DATA", 0);
         return;
 
     case ngx_relay_dot:
-    case ngx_relay_body:
-        if (r->state == ngx_relay_body && !r->last) {
-            /* a reply before the end of data: the backend gave up */
-            ngx_mail_smtp_ext_relay_fail(r, "replied during DATA");
-            return;
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
         }
+
+        ngx_mail_smtp_ext_relay_data_free(r);
 
         r->state = ngx_relay_idle;
         r->mail_sent = 0;
         r->last = 0;
-        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
         return;
 
     default:
         /* a reply nobody asked for: 421 and the like */
-        ngx_mail_smtp_ext_relay_fail(r, "sent an unexpected reply");
+        ngx_mail_smtp_ext_relay_fail(r, "sent an unexpected reply", 1);
         return;
     }
 }
@@ -938,7 +1092,7 @@ ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r)
     ngx_log_debug1(NGX_LOG_DEBUG_MAIL, c->log, 0,
                    "smtp_ext: backend %V ready", &r->peer->name);
 
-    ngx_mail_smtp_ext_relay_done(r->session, NGX_OK, 250, NULL, 0);
+    ngx_mail_smtp_ext_relay_complete(r, NGX_OK, 250, NULL, 0);
 }
 
 
@@ -1143,6 +1297,7 @@ ngx_mail_smtp_ext_relay_rcpt(ngx_mail_session_t *s, ngx_str_t *rcpt)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     r = ctx->relay;
 
+    r->pending = 1;
     r->ncmds = 0;
     r->sent_cmds = 0;
     r->done_cmds = 0;
@@ -1259,8 +1414,8 @@ ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
         if (code / 100 != 2) {
             /* the RCPT that follows gets the backend's MAIL reply */
             r->mail_sent = 0;
-            r->fail_len = ngx_min(len, NGX_RELAY_FAIL_MAX);
-            ngx_memcpy(r->fail, p, r->fail_len);
+            r->fail_len = ngx_smtp_shorten_reply(r->fail, NGX_RELAY_FAIL_MAX,
+                                                 p, len);
             r->fail_code = code;
         }
 
@@ -1274,12 +1429,12 @@ ngx_mail_smtp_ext_relay_command_reply(ngx_mail_smtp_ext_relay_t *r,
         }
 
         if (r->fail_len) {
-            ngx_mail_smtp_ext_relay_done(s, NGX_OK, r->fail_code, r->fail,
-                                         r->fail_len);
+            ngx_mail_smtp_ext_relay_complete(r, NGX_OK, r->fail_code,
+                                             r->fail, r->fail_len);
             return;
         }
 
-        ngx_mail_smtp_ext_relay_done(s, NGX_OK, code, p, len);
+        ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
         return;
     }
 
@@ -1306,7 +1461,9 @@ ngx_mail_smtp_ext_relay_data(ngx_mail_session_t *s)
     r = ctx->relay;
 
     r->last = 0;
-    r->body_blocked = 0;
+    r->pending = 1;
+    r->fail_len = 0;
+    r->fail_code = 0;
 
     (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_data,
                                              "DATA" CRLF);
@@ -1332,9 +1489,9 @@ ngx_mail_smtp_ext_relay_body_buf(ngx_mail_session_t *s)
 
 /*
  * Sends the scanned body in the relay's out buffer.  NGX_OK: all written,
- * read more from the client; NGX_AGAIN: wait for
- * ngx_mail_smtp_ext_resume_data() (or, with last, for the final reply);
- * NGX_ERROR: the backend is gone.
+ * read more from the client; NGX_AGAIN: pending, the session waits for
+ * ngx_mail_smtp_ext_relay_done() (the body written, or with last the
+ * final reply); NGX_ERROR: the backend is gone.
  */
 
 ngx_int_t
@@ -1349,7 +1506,9 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     r = ctx->relay;
 
-    if (r == NULL || r->broken || r->pc.connection == NULL) {
+    if (r == NULL || r->broken || r->pc.connection == NULL
+        || r->state != ngx_relay_body)
+    {
         return NGX_ERROR;
     }
 
@@ -1359,8 +1518,8 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
     rc = ngx_mail_smtp_ext_relay_flush(r);
 
     if (rc == NGX_ERROR) {
-        r->state = ngx_relay_body;
-        ngx_mail_smtp_ext_relay_fail(r, "closed the connection in DATA");
+        /* nobody waits yet: the session learns it from the return */
+        ngx_mail_smtp_ext_relay_fail(r, "closed the connection in DATA", 1);
         return NGX_ERROR;
     }
 
@@ -1374,15 +1533,17 @@ ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s, ngx_uint_t last)
         }
 
         ngx_add_timer(c->read, sscf->upstream_timeout);
-    }
 
-    if (rc == NGX_AGAIN) {
-        r->body_blocked = 1;
+        if (rc == NGX_OK) {
+            r->state = ngx_relay_dot;
+        }
+
+        r->pending = 1;
         return NGX_AGAIN;
     }
 
-    if (last) {
-        r->state = ngx_relay_dot;
+    if (rc == NGX_AGAIN) {
+        r->pending = 1;
         return NGX_AGAIN;
     }
 
@@ -1408,6 +1569,7 @@ ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s, u_char *p,
     r = ctx->relay;
 
     if (r == NULL || r->broken || r->pc.connection == NULL
+        || r->state != ngx_relay_body
         || r->out->pos != r->out->last || r->ext_pos != r->ext_last)
     {
         return NGX_ERROR;
@@ -1458,4 +1620,27 @@ ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s)
         r->mail_sent = 0;
         r->need_rset = 1;
     }
+}
+
+
+/* the reply a backend gave up DATA with, if it was a 5xx */
+
+ngx_uint_t
+ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s, u_char **p,
+    size_t *len)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || !r->broken || r->fail_code == 0 || r->fail_len == 0) {
+        return 0;
+    }
+
+    *p = r->fail;
+    *len = r->fail_len;
+
+    return r->fail_code;
 }

@@ -28,6 +28,10 @@
 #define NGX_SMTP_EXT_STEP_DATA    3
 #define NGX_SMTP_EXT_STEP_DOT     4
 #define NGX_SMTP_EXT_STEP_LOOKUP  5
+#define NGX_SMTP_EXT_STEP_BODY    6   /* a blocked body write */
+
+/* a backend reply larger than the reply buffer goes through this one */
+#define NGX_SMTP_EXT_BIG_OUT      8192
 
 
 #define ngx_smtp_ext_reply(s)     ngx_string(s CRLF)
@@ -121,6 +125,9 @@ static void ngx_mail_smtp_ext_close(ngx_mail_session_t *s,
 static void ngx_mail_smtp_ext_cleanup(void *data);
 static ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s);
+static ngx_uint_t ngx_mail_smtp_ext_client_gone(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
 
 
 void
@@ -281,7 +288,8 @@ ngx_mail_smtp_ext_auth_state(ngx_event_t *rev)
                       "client timed out");
 
         if (ctx->state == ngx_smtp_ext_data
-            || ctx->state == ngx_smtp_ext_data_wait)
+            || ctx->step == NGX_SMTP_EXT_STEP_BODY
+            || ctx->step == NGX_SMTP_EXT_STEP_DOT)
         {
             /* the message stays unfinished at the backend */
             ngx_mail_smtp_ext_relay_close(s, 0);
@@ -293,7 +301,9 @@ ngx_mail_smtp_ext_auth_state(ngx_event_t *rev)
     }
 
     if (c->close) {
-        ngx_mail_smtp_ext_relay_close(s, 0);
+        /* reload or shutdown: an idle backend connection gets its QUIT */
+        ngx_mail_smtp_ext_relay_close(s, ctx->state == ngx_smtp_ext_cmd
+                                         && !ctx->in_tx);
         ngx_mail_smtp_ext_close(s, &ngx_smtp_ext_shutdown);
         return;
     }
@@ -323,7 +333,6 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
     ngx_int_t                      rc;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_core_srv_conf_t      *cscf;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     c = s->connection;
@@ -376,10 +385,21 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
 
         /* NGX_AGAIN: wait for input, a backend or the client */
 
+        c->idle = 0;
+
         if (ctx->state == ngx_smtp_ext_cmd
             || ctx->state == ngx_smtp_ext_auth_line
             || ctx->state == ngx_smtp_ext_data)
         {
+            if (ctx->state == ngx_smtp_ext_cmd && !ctx->in_tx
+                && (ngx_exiting || ngx_terminate))
+            {
+                /* reload or shutdown: no transaction is cut off */
+                ngx_mail_smtp_ext_relay_close(s, 1);
+                ngx_mail_smtp_ext_close(s, &ngx_smtp_ext_shutdown);
+                return;
+            }
+
             rc = ngx_mail_smtp_ext_read(s);
 
             if (rc == NGX_DONE) {
@@ -390,10 +410,31 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
                 continue;
             }
 
-            if (!c->read->timer_set) {
-                cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
-                ngx_add_timer(c->read, cscf->timeout);
+            /*
+             * A command line's deadline runs from its first octet (see
+             * ngx_mail_smtp_ext_read()); with no partial line the idle
+             * timeout starts now.
+             */
+
+            if (!c->read->timer_set
+                || (ctx->state != ngx_smtp_ext_data
+                    && s->buffer->pos == s->buffer->last))
+            {
+                ngx_mail_smtp_ext_read_timer(s);
             }
+
+            /* nginx closes idle connections at reload and shutdown */
+            c->idle = (ctx->state == ngx_smtp_ext_cmd && !ctx->in_tx);
+
+        } else if (ctx->state == ngx_smtp_ext_wait
+                   && ngx_mail_smtp_ext_client_gone(s))
+        {
+            /* whatever the session waits for, a client that left ends it */
+            ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                          "client closed the connection while waiting");
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ngx_mail_smtp_ext_close(s, NULL);
+            return;
         }
 
         if (ngx_mail_smtp_ext_flush(s) == NGX_DONE) {
@@ -419,7 +460,6 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
     ngx_buf_t                 *b;
     ngx_connection_t          *c;
     ngx_mail_smtp_ext_ctx_t   *ctx;
-    ngx_mail_core_srv_conf_t  *cscf;
 
     c = s->connection;
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
@@ -429,6 +469,13 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
     }
 
     b = s->buffer;
+
+    if (ngx_mail_smtp_ext_relay_span_pending(s)) {
+        /* the backend still sends from this buffer: it must not move */
+        return NGX_AGAIN;
+    }
+
+    len = b->last - b->pos;
 
     if (b->pos == b->last) {
         b->pos = b->start;
@@ -472,10 +519,103 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
 
     b->last += n;
 
-    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
-    ngx_add_timer(c->read, cscf->timeout);
+    /*
+     * Slow clients: a command line has "timeout" from its first octet,
+     * not from each read (as Postfix's smtpd_per_record_deadline); DATA
+     * has a deadline that grows with the octets received.
+     */
+
+    if (ctx->state == ngx_smtp_ext_data) {
+        ctx->data_in += n;
+        ngx_mail_smtp_ext_read_timer(s);
+
+    } else if (len == 0 || !c->read->timer_set) {
+        ngx_mail_smtp_ext_read_timer(s);
+    }
 
     return NGX_OK;
+}
+
+
+/*
+ * While a step is pending the client's input stays where it is (it is
+ * the next command, or data); only its end is looked for, without
+ * reading.  Under TLS the end is found when the step is over.
+ */
+
+static ngx_uint_t
+ngx_mail_smtp_ext_client_gone(ngx_mail_session_t *s)
+{
+    u_char             buf[1];
+    ssize_t            n;
+    ngx_err_t          err;
+    ngx_connection_t  *c;
+
+    c = s->connection;
+
+    if (!c->read->ready || c->ssl) {
+        return 0;
+    }
+
+    n = recv(c->fd, buf, 1, MSG_PEEK);
+
+    if (n > 0) {
+        return 0;
+    }
+
+    if (n == 0) {
+        return 1;
+    }
+
+    err = ngx_socket_errno;
+
+    if (err == NGX_EAGAIN || err == NGX_EINTR) {
+        c->read->ready = 0;
+        return 0;
+    }
+
+    return 1;
+}
+
+
+/*
+ * Arms the client's read timer: "timeout" for a command line or between
+ * commands; in DATA the rest of "timeout" plus the octets received at
+ * smtp_ext_min_data_rate since the 354, and never more than "timeout"
+ * for one read.
+ */
+
+static void
+ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s)
+{
+    ngx_msec_t                     timer;
+    ngx_msec_int_t                 left;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_core_srv_conf_t      *cscf;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    timer = cscf->timeout;
+
+    if (ctx->state == ngx_smtp_ext_data && sscf->min_data_rate) {
+        left = (ngx_msec_int_t) (ctx->data_start + cscf->timeout
+                                 + ctx->data_in * 1000
+                                   / (off_t) sscf->min_data_rate
+                                 - ngx_current_msec);
+
+        if (left <= 0) {
+            left = 1;
+        }
+
+        timer = ngx_min(timer, (ngx_msec_t) left);
+    }
+
+    ngx_add_timer(c->read, timer);
 }
 
 
@@ -516,6 +656,11 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
 
     if (rc == NGX_SMTP_LINE_TOO_LONG) {
         b->pos += line.consumed;
+
+        if (ctx->state == ngx_smtp_ext_auth_line) {
+            /* the exchange is over: nothing of it may stay */
+            ngx_mail_smtp_ext_auth_reset(s);
+        }
 
         ctx->state = ngx_smtp_ext_cmd;
 
@@ -806,16 +951,19 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 
     ctx->rcpts_tried++;
 
-    rcpt = ngx_palloc(ctx->tpool, sizeof(ngx_str_t));
-    if (rcpt == NULL) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+    /* one copy for the recipient under way: refusals cost no memory */
+
+    if (ctx->rcpt_buf == NULL) {
+        ctx->rcpt_buf = ngx_pnalloc(ctx->tpool, NGX_SMTP_MAX_LINE);
+        if (ctx->rcpt_buf == NULL) {
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        }
     }
 
-    rcpt->len = cmd->path.len;
-    rcpt->data = ngx_pstrdup(ctx->tpool, (ngx_str_t *) &cmd->path);
-    if (rcpt->data == NULL) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
-    }
+    rcpt = &ctx->rcpt;
+    rcpt->len = ngx_min(cmd->path.len, NGX_SMTP_MAX_LINE);
+    rcpt->data = ctx->rcpt_buf;
+    ngx_memcpy(rcpt->data, cmd->path.data, rcpt->len);
 
     ctx->pending_rcpt = rcpt;
     ctx->pending_route = NULL;
@@ -977,6 +1125,7 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
     ctx->greeted = 0;
     ctx->helo_len = 0;
     s->esmtp = 0;
+    ngx_mail_smtp_ext_auth_reset(s);
 
     s->buffer->pos = s->buffer->start;
     s->buffer->last = s->buffer->start;
@@ -1099,15 +1248,12 @@ ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
 
     /*
      * The backend does not keep up: stop reading until it does.  The
-     * client waits for us now: the relay's write timeout applies.
+     * client waits for us now: the relay's write timeout applies, and
+     * the time does not count against the client's DATA deadline.
      */
 
-    ctx->state = ngx_smtp_ext_data_wait;
-    ctx->step = 0;
-
-    if (s->connection->read->timer_set) {
-        ngx_del_timer(s->connection->read);
-    }
+    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_BODY);
+    ctx->wait_start = ngx_current_msec;
 
     return NGX_AGAIN;
 }
@@ -1141,8 +1287,7 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
         ctx->last_code = 550;
 
     } else {
-        reply = &ngx_smtp_ext_backend_lost;
-        ctx->last_code = 451;
+        return ngx_mail_smtp_ext_data_failed(s);
     }
 
     ngx_mail_smtp_ext_relay_close(s, 0);
@@ -1152,22 +1297,36 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
 }
 
 
-/* the relay drained its buffer (or failed) while the client waited */
+/*
+ * The backend gave up the message: its own 5xx when it sent one before
+ * the end of data, else 451.  Its connection is closed already.
+ */
 
-void
-ngx_mail_smtp_ext_resume_data(ngx_mail_session_t *s)
+static ngx_int_t
+ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s)
 {
+    u_char                   *p;
+    size_t                    len;
+    ngx_uint_t                code;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
-    if (ctx->state != ngx_smtp_ext_data_wait || ctx->step != 0) {
-        return;
+    code = ngx_mail_smtp_ext_relay_early_reply(s, &p, &len);
+
+    if (code) {
+        ctx->last_code = code;
+        ngx_mail_smtp_ext_out_backend(s, p, len);
+
+    } else {
+        ctx->last_code = 451;
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
     }
 
-    ctx->state = ngx_smtp_ext_data;
+    ngx_mail_smtp_ext_relay_close(s, 0);
+    ngx_mail_smtp_ext_data_done(s);
 
-    ngx_mail_smtp_ext_run(s);
+    return ctx->state == ngx_smtp_ext_closing ? NGX_AGAIN : NGX_OK;
 }
 
 
@@ -1233,6 +1392,8 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
         ctx->data.max_size = sscf->max_message_size;
         ctx->data.reject = (sscf->bare_lf == NGX_SMTP_BARE_LF_REJECT);
         ctx->data_failed = 0;
+        ctx->data_start = ngx_current_msec;
+        ctx->data_in = 0;
 
         if (ngx_mail_smtp_ext_data_buffer(s) != NGX_OK) {
             ctx->last_code = 451;
@@ -1254,19 +1415,30 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
 
     case NGX_SMTP_EXT_STEP_DOT:
         if (rc != NGX_OK) {
-            ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
-
-        } else {
-            ctx->last_code = code;
-            ngx_mail_smtp_ext_out_backend(s, reply, len);
+            (void) ngx_mail_smtp_ext_data_failed(s);
+            break;
         }
 
+        ctx->last_code = code;
+        ngx_mail_smtp_ext_out_backend(s, reply, len);
         ngx_mail_smtp_ext_data_done(s);
         break;
 
+    case NGX_SMTP_EXT_STEP_BODY:
+        /* the backend took the body so far, or failed: read on */
+
+        ctx->state = ngx_smtp_ext_data;
+        ctx->data_start += ngx_current_msec - ctx->wait_start;
+
+        if (rc != NGX_OK) {
+            ctx->data_failed = 1;
+        }
+
+        break;
+
     default:
-        /* a body write finished while no step was pending */
+        ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
+                      "smtp_ext: backend step done while none was pending");
         return;
     }
 
@@ -1340,6 +1512,13 @@ ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s)
         return;
     }
 
+    if (ngx_mail_smtp_ext_relay_span_pending(s)) {
+        /* cannot happen: a span is returned before its DATA ends */
+        ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
+                      "smtp_ext: DATA buffer still lent to the backend");
+        ngx_mail_smtp_ext_relay_close(s, 0);
+    }
+
     len = b->last - b->pos;
 
     if (len > (size_t) (ctx->cmdbuf->end - ctx->cmdbuf->start)) {
@@ -1375,6 +1554,7 @@ ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
     ctx->route = NULL;
     ctx->size = -1;
     ctx->pending_rcpt = NULL;
+    ctx->rcpt_buf = NULL;
     ctx->data.size = 0;
 
     if (ctx->tpool) {
@@ -1440,10 +1620,17 @@ ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     if ((size_t) (ctx->out->end - ctx->out->last) < reply->len) {
-        /* the loop flushes before the buffer gets this full */
+        /*
+         * The loop flushes before the buffer gets this full; a reply
+         * left out would put the client out of step: end the session.
+         */
         ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
                       "smtp_ext: reply buffer full");
-        return NGX_OK;
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_close(s, 0);
+        ctx->state = ngx_smtp_ext_closing;
+        ctx->step = 0;
+        return NGX_AGAIN;
     }
 
     ctx->out->last = ngx_cpymem(ctx->out->last, reply->data, reply->len);
@@ -1477,55 +1664,70 @@ ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
 }
 
 
+/*
+ * Queues a backend reply, enhanced codes added.  One that does not fit
+ * the small reply buffer moves the queue to a larger one from the heap
+ * until it is sent; beyond that it is cut to whole lines, never in the
+ * middle of one.
+ */
+
 static void
 ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
     size_t len)
 {
-    u_char                   *p, *last;
-    size_t                    room, lines;
+    u_char                   *p, *last, *buf;
+    size_t                    lines, need, queued;
+    ngx_buf_t                *b;
     ngx_mail_smtp_ext_ctx_t  *ctx;
-    u_char                    line[NGX_SMTP_MAX_LINE];
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = ctx->out;
 
-    room = ctx->out->end - ctx->out->last;
     last = reply + len;
-
     lines = 0;
+
     for (p = reply; p < last; p++) {
         if (*p == LF) {
             lines++;
         }
     }
 
-    if (len + 6 * lines > room) {
+    need = len + 6 * lines;
+    queued = b->last - b->pos;
 
-        /* too long for the reply buffer: the final line, shortened */
+    if (need > (size_t) (b->end - b->last) && b != &ctx->big_out
+        && queued + need <= NGX_SMTP_EXT_BIG_OUT)
+    {
+        buf = ngx_alloc(NGX_SMTP_EXT_BIG_OUT, s->connection->log);
 
-        for (p = last - 1; p > reply && *(p - 1) != LF; p--) {
-            /* void */
+        if (buf) {
+            ctx->big_out.start = buf;
+            ctx->big_out.pos = buf;
+            ctx->big_out.last = ngx_cpymem(buf, b->pos, queued);
+            ctx->big_out.end = buf + NGX_SMTP_EXT_BIG_OUT;
+            ctx->big_out.temporary = 1;
+
+            b->pos = b->start;
+            b->last = b->start;
+
+            b = &ctx->big_out;
+            ctx->out = b;
         }
-
-        len = ngx_min((size_t) (last - p),
-                      ngx_min(room, sizeof(line)) - 8);
-
-        p = ngx_cpymem(line, p, len);
-
-        if (len < 5) {
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
-            return;
-        }
-
-        if (p[-1] != LF) {
-            p[-2] = CR;
-            p[-1] = LF;
-        }
-
-        reply = line;
-        len = p - line;
     }
 
-    ctx->out->last += ngx_smtp_copy_reply(ctx->out->last, reply, len);
+    if (need <= (size_t) (b->end - b->last)) {
+        b->last += ngx_smtp_copy_reply(b->last, reply, len);
+        return;
+    }
+
+    len = ngx_smtp_shorten_reply(b->last, b->end - b->last, reply, len);
+
+    if (len == 0) {
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        return;
+    }
+
+    b->last += len;
 }
 
 
@@ -1597,6 +1799,12 @@ ngx_mail_smtp_ext_flush(ngx_mail_session_t *s)
     b->pos = b->start;
     b->last = b->start;
     ctx->out_blocked = 0;
+
+    if (b == &ctx->big_out) {
+        ngx_free(b->start);
+        b->start = NULL;
+        ctx->out = &ctx->out_buf;
+    }
 
     if (c->write->timer_set) {
         ngx_del_timer(c->write);
@@ -1697,6 +1905,11 @@ ngx_mail_smtp_ext_cleanup(void *data)
     if (ctx->dbuf.start) {
         ngx_free(ctx->dbuf.start);
         ctx->dbuf.start = NULL;
+    }
+
+    if (ctx->big_out.start) {
+        ngx_free(ctx->big_out.start);
+        ctx->big_out.start = NULL;
     }
 
     ngx_mail_smtp_ext_relay_close(s, ctx->state == ngx_smtp_ext_cmd

@@ -487,11 +487,12 @@ ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_peer_t *peer,
         if (peer->effective_weight < 0) {
             peer->effective_weight = 0;
         }
-
-        return;
     }
 
-    peer->fails = 0;
+    /*
+     * A normal close says nothing of the peer's health now: only a
+     * successful handshake (the relay's "ready") forgets its failures.
+     */
 }
 
 
