@@ -27,7 +27,7 @@ UP_FLAGS    := --with-compat --with-threads --with-mail=dynamic \
                --with-mail_ssl_module
 
 CORE_SRCS   := $(wildcard $(SRCDIR)/ngx_smtp_*.c)
-CORE_HDRS   := $(SRCDIR)/ngx_smtp_core.h
+CORE_HDRS   := $(wildcard $(SRCDIR)/ngx_smtp_*.h)
 
 UNIT_SRCS   := $(wildcard $(ROOT)/t/unit/test_*.c)
 UNIT_BINS   := $(patsubst $(ROOT)/t/unit/%.c,$(BUILD)/%,$(UNIT_SRCS))

@@ -57,6 +57,8 @@ static u_char *ngx_smtp_data_emit(ngx_smtp_data_t *d, u_char *o,
     u_char *src, size_t n);
 static u_char *ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p,
     u_char *last, u_char **out, u_char *out_last, int writing);
+static u_char *ngx_smtp_data_safe(u_char *p, u_char *end,
+    unsigned *line_start);
 static u_char *ngx_smtp_data_eol(u_char *p, u_char *end);
 
 
@@ -240,7 +242,7 @@ ngx_smtp_data_verbatim(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
 {
     u_char    *q, *end;
     size_t     n;
-    unsigned   state;
+    unsigned   state, line_start;
 
     if (d->too_big || (d->reject && d->bare) || in == in_last) {
         return 0;
@@ -280,27 +282,8 @@ ngx_smtp_data_verbatim(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
     /* the same runs as ngx_smtp_data_run() takes */
 
     end = in + n;
-    q = in;
-    state = ngx_smtp_data_text;
-
-    for ( ;; ) {
-        q = ngx_smtp_data_eol(q, end);
-
-        if (q == end || *q == '\n') {
-            break;
-        }
-
-        if (q + 1 == end || q[1] != '\n') {
-            break;
-        }
-
-        q += 2;
-
-        if (q == end || *q == '.' || *q == '\r' || *q == '\n') {
-            state = ngx_smtp_data_start;
-            break;
-        }
-    }
+    q = ngx_smtp_data_safe(in, end, &line_start);
+    state = line_start ? ngx_smtp_data_start : ngx_smtp_data_text;
 
     n = q - in;
 
@@ -349,19 +332,18 @@ ngx_smtp_data_emit(ngx_smtp_data_t *d, u_char *o, u_char *src, size_t n)
 
 
 /*
- * The fast path: from an ordinary octet inside a line, takes whole runs
- * of text and CRLF-terminated lines whose next line starts with an
- * ordinary octet, and copies them at once.  Stops before a CR that is not
- * followed by LF in the run, a bare LF, or after a CRLF that is followed
- * by ".", CR or LF or ends the run; the state machine does the rest.
+ * The fast path: from an ordinary octet inside a line, takes the run
+ * that passes unchanged (see ngx_smtp_data_safe()) and copies it at once;
+ * the state machine does the rest.
  */
 
 static u_char *
 ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p, u_char *last,
     u_char **out, u_char *out_last, int writing)
 {
-    u_char  *q, *end;
-    size_t   n;
+    u_char    *q;
+    size_t     n;
+    unsigned   line_start;
 
     n = last - p;
 
@@ -369,7 +351,33 @@ ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p, u_char *last,
         n = out_last - *out;
     }
 
-    end = p + n;
+    q = ngx_smtp_data_safe(p, p + n, &line_start);
+
+    if (line_start) {
+        d->state = ngx_smtp_data_start;
+    }
+
+    *out = ngx_smtp_data_emit(d, *out, p, q - p);
+
+    return q;
+}
+
+
+/*
+ * The anti-smuggling boundary, one implementation for the copying and
+ * the zero-copy paths: from an ordinary octet inside a line, the longest
+ * run of text and CRLF-terminated lines whose next line starts with an
+ * ordinary octet.  It stops before a CR that is not followed by LF in the
+ * run, a bare LF, or after a CRLF that is followed by ".", CR or LF or
+ * ends the run (*line_start is then set).
+ */
+
+static u_char *
+ngx_smtp_data_safe(u_char *p, u_char *end, unsigned *line_start)
+{
+    u_char  *q;
+
+    *line_start = 0;
     q = p;
 
     for ( ;; ) {
@@ -377,25 +385,21 @@ ngx_smtp_data_run(ngx_smtp_data_t *d, u_char *p, u_char *last,
 
         if (q == end || *q == '\n') {
             /* the end of the run, or a bare LF */
-            break;
+            return q;
         }
 
         if (q + 1 == end || q[1] != '\n') {
             /* a bare CR, or a CR whose LF is not in this run */
-            break;
+            return q;
         }
 
         q += 2;
 
         if (q == end || *q == '.' || *q == '\r' || *q == '\n') {
-            d->state = ngx_smtp_data_start;
-            break;
+            *line_start = 1;
+            return q;
         }
     }
-
-    *out = ngx_smtp_data_emit(d, *out, p, q - p);
-
-    return q;
 }
 
 

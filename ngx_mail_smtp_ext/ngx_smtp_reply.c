@@ -13,13 +13,7 @@
 #include "ngx_smtp_core.h"
 
 
-#define ngx_smtp_lc(c)     (u_char) (((c) >= 'A' && (c) <= 'Z') ? ((c) | 0x20) \
-                                                                 : (c))
-#define ngx_smtp_digit(c)  ((c) >= '0' && (c) <= '9')
-#define ngx_smtp_ctl(c)    ((c) < 0x20 || (c) == 0x7f)
-
-#define NGX_SMTP_OFF_T_MAX                                                    \
-    ((off_t) ((((uint64_t) 1) << (sizeof(off_t) * 8 - 1)) - 1))
+#include "ngx_smtp_chars.h"
 
 
 typedef struct {
