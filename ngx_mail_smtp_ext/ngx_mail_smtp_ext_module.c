@@ -81,70 +81,70 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       NULL },
 
     { ngx_string("smtp_ext_pass"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_mail_smtp_ext_pass,
       NGX_MAIL_SRV_CONF_OFFSET,
       0,
       NULL },
 
     { ngx_string("smtp_ext_auth"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
       ngx_mail_smtp_ext_auth_methods_set,
       NGX_MAIL_SRV_CONF_OFFSET,
       0,
       NULL },
 
     { ngx_string("smtp_ext_require_auth"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, require_auth),
       NULL },
 
     { ngx_string("smtp_ext_max_message_size"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_off_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, max_message_size),
       NULL },
 
     { ngx_string("smtp_ext_max_recipients"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, max_recipients),
       NULL },
 
     { ngx_string("smtp_ext_xclient"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, xclient),
       NULL },
 
     { ngx_string("smtp_ext_proxy_protocol"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
       ngx_conf_set_flag_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, proxy_protocol),
       NULL },
 
     { ngx_string("smtp_ext_upstream_tls"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_enum_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls),
       &ngx_mail_smtp_ext_tls_modes },
 
     { ngx_string("smtp_ext_connect_timeout"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, connect_timeout),
       NULL },
 
     { ngx_string("smtp_ext_upstream_timeout"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_timeout),
@@ -158,14 +158,14 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       NULL },
 
     { ngx_string("smtp_ext_bare_lf"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_enum_slot,
       NGX_MAIL_SRV_CONF_OFFSET,
       offsetof(ngx_mail_smtp_ext_srv_conf_t, bare_lf),
       &ngx_mail_smtp_ext_bare_lf_modes },
 
     { ngx_string("smtp_ext_auth_fail_limit"),
-      NGX_MAIL_SRV_CONF|NGX_CONF_TAKE12,
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE12,
       ngx_mail_smtp_ext_auth_fail_limit,
       NGX_MAIL_SRV_CONF_OFFSET,
       0,
@@ -338,10 +338,10 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
      *
      *     sscf->pass_name = { 0, NULL };
      *     sscf->pass = NULL;
-     *     sscf->auth_methods = 0;
      *     sscf->greeting etc. = { 0, NULL };
      */
 
+    sscf->auth_methods = NGX_CONF_UNSET_UINT;
     sscf->require_auth = NGX_CONF_UNSET;
     sscf->max_message_size = NGX_CONF_UNSET;
     sscf->max_recipients = NGX_CONF_UNSET_UINT;
@@ -683,9 +683,13 @@ ngx_mail_smtp_ext_auth_methods_set(ngx_conf_t *cf, ngx_command_t *cmd,
     ngx_str_t   *value;
     ngx_uint_t   i, m;
 
-    if (sscf->auth_methods) {
+    if (sscf->auth_methods != NGX_CONF_UNSET_UINT) {
         return "is duplicate";
     }
+
+    /* "off" is 0, set: a server can turn off what mail {} offers */
+
+    sscf->auth_methods = 0;
 
     value = cf->args->elts;
 
