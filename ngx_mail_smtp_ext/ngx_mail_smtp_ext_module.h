@@ -36,24 +36,55 @@
 #define NGX_MAIL_SMTP_EXT_HELO_MAX         255
 
 
+/*
+ * A peer's run-time state: per worker, or with "zone" in shared memory
+ * for all workers of the node (then read and written under the zone's
+ * lock; the counters with atomics).
+ */
+typedef struct {
+    /* balancing, as ngx_http_upstream_round_robin */
+    ngx_int_t                       current_weight;
+    ngx_int_t                       effective_weight;
+    ngx_uint_t                      fails;
+    time_t                          checked;    /* fail_timeout clock */
+    ngx_uint_t                      conns;      /* cached idle ones too */
+
+    /* active health checks */
+    ngx_uint_t                      hc_fails;   /* in a row */
+    ngx_uint_t                      hc_passes;  /* in a row */
+    ngx_msec_t                      hc_next;    /* the next probe is due */
+    ngx_msec_t                      hc_started; /* a probe under way */
+    ngx_pid_t                       hc_owner;   /* the worker probing */
+    ngx_uint_t                      unhealthy;
+
+    /* counters, for metrics */
+    ngx_atomic_t                    selected;
+    ngx_atomic_t                    failures;
+    ngx_atomic_t                    hc_ok;
+    ngx_atomic_t                    hc_failed;
+} ngx_mail_smtp_ext_peer_state_t;
+
+
 typedef struct {
     struct sockaddr                *sockaddr;
     socklen_t                       socklen;
-    ngx_str_t                       name;
+    ngx_str_t                       name;       /* IP:port */
+    ngx_str_t                       server;     /* as written */
 
     ngx_uint_t                      weight;
     ngx_uint_t                      max_fails;
     time_t                          fail_timeout;
+    ngx_uint_t                      max_conns;
     unsigned                        backup:1;
     unsigned                        down:1;
 
-    /* per worker: balancing state, like ngx_http_upstream_round_robin */
-    ngx_int_t                       current_weight;
-    ngx_int_t                       effective_weight;
-    ngx_uint_t                      fails;
-    time_t                          checked;
-    ngx_uint_t                      conns;
+    ngx_mail_smtp_ext_peer_state_t *shared;     /* in the zone, or NULL */
+    ngx_mail_smtp_ext_peer_state_t  local;      /* without a zone */
 } ngx_mail_smtp_ext_peer_t;
+
+
+#define ngx_mail_smtp_ext_peer_state(peer)                                   \
+    ((peer)->shared ? (peer)->shared : &(peer)->local)
 
 
 typedef struct {
@@ -64,6 +95,26 @@ typedef struct {
     unsigned                        implicit:1; /* from smtp_ext_pass h:p */
     u_char                         *file_name;
     ngx_uint_t                      line;
+
+    /* zone NAME [SIZE] */
+    ngx_shm_zone_t                 *shm_zone;
+    ngx_slab_pool_t                *shpool;
+
+    /* health_check */
+    ngx_msec_t                      hc_interval;    /* 0: no checks */
+    ngx_msec_t                      hc_timeout;
+    ngx_msec_t                      hc_jitter;
+    ngx_uint_t                      hc_fails;
+    ngx_uint_t                      hc_passes;
+    ngx_str_t                       hc_ehlo;
+    unsigned                        hc_mandatory:1;
+    void                           *hc;             /* per worker */
+
+    /* keepalive N [timeout=T]: idle connections cached per worker */
+    ngx_uint_t                      keepalive;
+    ngx_msec_t                      keepalive_timeout;
+    ngx_queue_t                     cache;
+    ngx_uint_t                      cached;
 } ngx_mail_smtp_ext_pool_t;
 
 
@@ -220,9 +271,14 @@ char *ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,
 ngx_mail_smtp_ext_pool_t *ngx_mail_smtp_ext_find_pool(ngx_conf_t *cf,
     ngx_mail_smtp_ext_main_conf_t *smcf, ngx_str_t *target);
 ngx_mail_smtp_ext_peer_t *ngx_mail_smtp_ext_get_peer(
-    ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried);
-void ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_peer_t *peer,
-    ngx_uint_t failed);
+    ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried, ngx_uint_t *busy);
+void ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_pool_t *pool,
+    ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t failed);
+void ngx_mail_smtp_ext_peer_ready(ngx_mail_smtp_ext_pool_t *pool,
+    ngx_mail_smtp_ext_peer_t *peer);
+void ngx_mail_smtp_ext_pool_lock(ngx_mail_smtp_ext_pool_t *pool);
+void ngx_mail_smtp_ext_pool_unlock(ngx_mail_smtp_ext_pool_t *pool);
+void ngx_mail_smtp_ext_pool_init_peer(ngx_mail_smtp_ext_peer_t *peer);
 ngx_uint_t ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
     ngx_mail_smtp_ext_peer_t *peer);
 

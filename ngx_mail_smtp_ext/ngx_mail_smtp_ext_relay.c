@@ -151,6 +151,7 @@ ngx_int_t
 ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool)
 {
+    ngx_int_t                   rc;
     ngx_pool_t                 *p;
     ngx_mail_smtp_ext_ctx_t    *ctx;
     ngx_mail_smtp_ext_relay_t  *r;
@@ -188,9 +189,11 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
 
     ctx->relay = r;
 
-    if (ngx_mail_smtp_ext_relay_connect(r) != NGX_OK) {
+    rc = ngx_mail_smtp_ext_relay_connect(r);
+
+    if (rc != NGX_OK) {
         ngx_mail_smtp_ext_relay_free(r);
-        return NGX_ERROR;
+        return rc;
     }
 
     r->pending = 1;
@@ -199,13 +202,18 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
 }
 
 
-/* starts a connect to the next untried peer; NGX_ERROR if none is left */
+/*
+ * Starts a connect to the next untried peer: NGX_OK; NGX_BUSY if none is
+ * left but some were skipped only for max_conns; NGX_ERROR if none is
+ * left.
+ */
 
 static ngx_int_t
 ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
 {
     u_char                        *p;
     ngx_int_t                      rc;
+    ngx_uint_t                     busy;
     ngx_connection_t              *c, *cc;
     ngx_mail_session_t            *s;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
@@ -216,8 +224,15 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
 
     for ( ;; ) {
 
-        r->peer = ngx_mail_smtp_ext_get_peer(r->upstream, r->tried);
+        r->peer = ngx_mail_smtp_ext_get_peer(r->upstream, r->tried, &busy);
         if (r->peer == NULL) {
+            if (busy) {
+                ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                              "smtp_ext: every backend of \"%V\" is at its "
+                              "max_conns", &r->upstream->name);
+                return NGX_BUSY;
+            }
+
             ngx_log_error(NGX_LOG_ERR, c->log, 0,
                           "smtp_ext: no live backend in \"%V\"",
                           &r->upstream->name);
@@ -248,7 +263,7 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
                 r->pc.connection = NULL;
             }
 
-            ngx_mail_smtp_ext_peer_done(r->peer, 1);
+            ngx_mail_smtp_ext_peer_done(r->upstream, r->peer, 1);
             r->peer = NULL;
             continue;
         }
@@ -314,6 +329,7 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
 static void
 ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r, char *reason)
 {
+    ngx_int_t            rc;
     ngx_mail_session_t  *s;
 
     s = r->session;
@@ -324,13 +340,15 @@ ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r, char *reason)
 
     ngx_mail_smtp_ext_relay_close_peer(r, 1);
 
-    if (ngx_mail_smtp_ext_relay_connect(r) == NGX_OK) {
+    rc = ngx_mail_smtp_ext_relay_connect(r);
+
+    if (rc == NGX_OK) {
         return;
     }
 
     r->broken = 1;
 
-    ngx_mail_smtp_ext_relay_complete(r, NGX_ERROR, 451, NULL, 0);
+    ngx_mail_smtp_ext_relay_complete(r, rc, 451, NULL, 0);
 }
 
 
@@ -358,7 +376,7 @@ ngx_mail_smtp_ext_relay_close_peer(ngx_mail_smtp_ext_relay_t *r,
     }
 
     if (r->peer) {
-        ngx_mail_smtp_ext_peer_done(r->peer, failed);
+        ngx_mail_smtp_ext_peer_done(r->upstream, r->peer, failed);
         r->peer = NULL;
     }
 }
@@ -1087,7 +1105,7 @@ ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r)
 
     r->handshaked = 1;
     r->state = ngx_relay_idle;
-    r->peer->fails = 0;
+    ngx_mail_smtp_ext_peer_ready(r->upstream, r->peer);
 
     ngx_log_debug1(NGX_LOG_DEBUG_MAIL, c->log, 0,
                    "smtp_ext: backend %V ready", &r->peer->name);

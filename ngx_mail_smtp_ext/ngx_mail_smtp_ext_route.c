@@ -337,10 +337,12 @@ ngx_mail_smtp_ext_runtime_pool(ngx_mail_session_t *s, ngx_str_t *target)
     peer->sockaddr = addr.sockaddr;
     peer->socklen = addr.socklen;
     peer->name = pool->name;
+    peer->server = pool->name;
     peer->weight = 1;
-    peer->effective_weight = 1;
     peer->max_fails = 1;
     peer->fail_timeout = 10;
+    ngx_mail_smtp_ext_pool_init_peer(peer);
+    ngx_queue_init(&pool->cache);
 
     pools = ngx_array_push(ngx_mail_smtp_ext_targets);
     if (pools == NULL) {

@@ -88,6 +88,8 @@ static ngx_str_t  ngx_smtp_ext_elsewhere = ngx_smtp_ext_reply(
     "452 4.5.3 Recipient routed elsewhere, send it in a new transaction");
 static ngx_str_t  ngx_smtp_ext_no_backend = ngx_smtp_ext_reply(
     "451 4.4.1 No backend available, try again later");
+static ngx_str_t  ngx_smtp_ext_busy = ngx_smtp_ext_reply(
+    "451 4.4.5 Backends busy, try again later");
 static ngx_str_t  ngx_smtp_ext_backend_lost = ngx_smtp_ext_reply(
     "451 4.4.2 Backend connection lost, try again later");
 static ngx_str_t  ngx_smtp_ext_shutdown = ngx_smtp_ext_reply(
@@ -1012,9 +1014,11 @@ ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s)
 
     rc = ngx_mail_smtp_ext_relay_open(s, pool);
 
-    if (rc == NGX_ERROR) {
+    if (rc == NGX_ERROR || rc == NGX_BUSY) {
         ctx->last_code = 451;
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_backend);
+        return ngx_mail_smtp_ext_reply(s, rc == NGX_BUSY
+                                          ? &ngx_smtp_ext_busy
+                                          : &ngx_smtp_ext_no_backend);
     }
 
     ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_OPEN);
@@ -1349,7 +1353,9 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_OPEN:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_backend);
+            (void) ngx_mail_smtp_ext_reply(s, rc == NGX_BUSY
+                                              ? &ngx_smtp_ext_busy
+                                              : &ngx_smtp_ext_no_backend);
             break;
         }
 

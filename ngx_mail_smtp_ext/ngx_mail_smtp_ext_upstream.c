@@ -7,7 +7,9 @@
 /*
  * Backend pools: the smtp_ext_upstream block, smtp_ext_pass targets, and
  * peer selection (smooth weighted round robin or least_conn, backup
- * servers, max_fails/fail_timeout).  Balancing state is per worker.
+ * servers, max_fails/fail_timeout, max_conns, health).  The peers' state
+ * is per worker, or with "zone" in shared memory for the whole node,
+ * kept across reloads while the pool's servers stay the same.
  */
 
 
@@ -31,10 +33,32 @@ static ngx_int_t ngx_mail_smtp_ext_add_peers(ngx_conf_t *cf,
     ngx_mail_smtp_ext_peer_t *proto);
 static ngx_mail_smtp_ext_peer_t *ngx_mail_smtp_ext_pick(
     ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried, ngx_uint_t backup,
-    time_t now);
+    time_t now, ngx_uint_t *busy);
 static ngx_uint_t ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer,
     ngx_uint_t i, ngx_uint_t tried, ngx_uint_t backup, ngx_uint_t single,
-    time_t now);
+    time_t now, ngx_uint_t *busy);
+static char *ngx_mail_smtp_ext_upstream_zone(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool);
+static char *ngx_mail_smtp_ext_upstream_health(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool);
+static char *ngx_mail_smtp_ext_upstream_keepalive(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool);
+static ngx_int_t ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone,
+    void *data);
+static uint32_t ngx_mail_smtp_ext_pool_signature(
+    ngx_mail_smtp_ext_pool_t *pool);
+
+
+#define NGX_MAIL_SMTP_EXT_ZONE_MAGIC  0x534d5458   /* "SMTX" */
+
+
+/* the shared part of a pool with "zone" */
+typedef struct {
+    uint32_t                         magic;
+    uint32_t                         signature;
+    ngx_uint_t                       npeers;
+    ngx_mail_smtp_ext_peer_state_t   peers[1];
+} ngx_mail_smtp_ext_zone_t;
 
 
 char *
@@ -73,6 +97,10 @@ ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,
     pool->name = value[1];
     pool->file_name = cf->conf_file->file.name.data;
     pool->line = cf->conf_file->line;
+    pool->hc_fails = 1;
+    pool->hc_passes = 1;
+    pool->hc_timeout = 5000;
+    ngx_queue_init(&pool->cache);
 
     if (ngx_array_init(&pool->peers, cf->pool, 4,
                        sizeof(ngx_mail_smtp_ext_peer_t))
@@ -114,6 +142,13 @@ ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,
         return NGX_CONF_ERROR;
     }
 
+    if (pool->hc_interval && pool->shm_zone == NULL) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "\"health_check\" in smtp_ext_upstream \"%V\" "
+                           "needs a \"zone\"", &pool->name);
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -137,9 +172,22 @@ ngx_mail_smtp_ext_upstream(ngx_conf_t *cf, ngx_command_t *dummy, void *conf)
         return ngx_mail_smtp_ext_upstream_server(cf, pool);
     }
 
+    if (ngx_strcmp(value[0].data, "zone") == 0) {
+        return ngx_mail_smtp_ext_upstream_zone(cf, pool);
+    }
+
+    if (ngx_strcmp(value[0].data, "health_check") == 0) {
+        return ngx_mail_smtp_ext_upstream_health(cf, pool);
+    }
+
+    if (ngx_strcmp(value[0].data, "keepalive") == 0) {
+        return ngx_mail_smtp_ext_upstream_keepalive(cf, pool);
+    }
+
     ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
                        "unknown directive \"%V\" in smtp_ext_upstream, "
-                       "expected \"server\" or \"least_conn\"", &value[0]);
+                       "expected \"server\", \"least_conn\", \"zone\", "
+                       "\"health_check\" or \"keepalive\"", &value[0]);
 
     return NGX_CONF_ERROR;
 }
@@ -194,6 +242,16 @@ ngx_mail_smtp_ext_upstream_server(ngx_conf_t *cf,
             }
 
             proto.fail_timeout = fail_timeout;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "max_conns=", 10) == 0) {
+            n = ngx_atoi(&value[i].data[10], value[i].len - 10);
+            if (n == NGX_ERROR) {
+                goto invalid;
+            }
+
+            proto.max_conns = n;
             continue;
         }
 
@@ -267,7 +325,8 @@ ngx_mail_smtp_ext_add_peers(ngx_conf_t *cf, ngx_mail_smtp_ext_pool_t *pool,
         peer->sockaddr = u.addrs[i].sockaddr;
         peer->socklen = u.addrs[i].socklen;
         peer->name = u.addrs[i].name;
-        peer->effective_weight = peer->weight;
+        peer->server = *addr;
+        ngx_mail_smtp_ext_pool_init_peer(peer);
 
         if (peer->backup) {
             pool->backups++;
@@ -312,6 +371,7 @@ ngx_mail_smtp_ext_find_pool(ngx_conf_t *cf,
 
     pool->name = *target;
     pool->implicit = 1;
+    ngx_queue_init(&pool->cache);
 
     if (ngx_array_init(&pool->peers, cf->pool, 1,
                        sizeof(ngx_mail_smtp_ext_peer_t))
@@ -340,23 +400,66 @@ ngx_mail_smtp_ext_find_pool(ngx_conf_t *cf,
 }
 
 
-ngx_mail_smtp_ext_peer_t *
-ngx_mail_smtp_ext_get_peer(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried)
+/* the state of a peer before it has done anything */
+
+void
+ngx_mail_smtp_ext_pool_init_peer(ngx_mail_smtp_ext_peer_t *peer)
 {
-    time_t                     now;
-    ngx_mail_smtp_ext_peer_t  *peer;
+    ngx_memzero(&peer->local, sizeof(ngx_mail_smtp_ext_peer_state_t));
+    peer->local.effective_weight = peer->weight;
+    peer->shared = NULL;
+}
+
+
+void
+ngx_mail_smtp_ext_pool_lock(ngx_mail_smtp_ext_pool_t *pool)
+{
+    if (pool->shpool) {
+        ngx_shmtx_lock(&pool->shpool->mutex);
+    }
+}
+
+
+void
+ngx_mail_smtp_ext_pool_unlock(ngx_mail_smtp_ext_pool_t *pool)
+{
+    if (pool->shpool) {
+        ngx_shmtx_unlock(&pool->shpool->mutex);
+    }
+}
+
+
+/*
+ * A peer for a new connection, counted in its connections, or NULL;
+ * *busy is set when a peer was skipped only for its max_conns.
+ */
+
+ngx_mail_smtp_ext_peer_t *
+ngx_mail_smtp_ext_get_peer(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
+    ngx_uint_t *busy)
+{
+    time_t                           now;
+    ngx_mail_smtp_ext_peer_t        *peer;
+    ngx_mail_smtp_ext_peer_state_t  *st;
 
     now = ngx_time();
+    *busy = 0;
 
-    peer = ngx_mail_smtp_ext_pick(pool, tried, 0, now);
+    ngx_mail_smtp_ext_pool_lock(pool);
+
+    peer = ngx_mail_smtp_ext_pick(pool, tried, 0, now, busy);
 
     if (peer == NULL && pool->backups) {
-        peer = ngx_mail_smtp_ext_pick(pool, tried, 1, now);
+        peer = ngx_mail_smtp_ext_pick(pool, tried, 1, now, busy);
     }
 
     if (peer) {
-        peer->conns++;
+        st = ngx_mail_smtp_ext_peer_state(peer);
+        st->conns++;
+        (void) ngx_atomic_fetch_add(&st->selected, 1);
     }
+
+    ngx_mail_smtp_ext_pool_unlock(pool);
 
     return peer;
 }
@@ -364,11 +467,12 @@ ngx_mail_smtp_ext_get_peer(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried)
 
 static ngx_mail_smtp_ext_peer_t *
 ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
-    ngx_uint_t backup, time_t now)
+    ngx_uint_t backup, time_t now, ngx_uint_t *busy)
 {
-    ngx_int_t                  total;
-    ngx_uint_t                 i, single;
-    ngx_mail_smtp_ext_peer_t  *peers, *peer, *best, *fewest;
+    ngx_int_t                        total;
+    ngx_uint_t                       i, single;
+    ngx_mail_smtp_ext_peer_t        *peers, *peer, *best, *fewest;
+    ngx_mail_smtp_ext_peer_state_t  *st, *bst, *fst;
 
     peers = pool->peers.elts;
     single = (pool->peers.nelts == 1);
@@ -376,52 +480,59 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
     /* least_conn: first find the lowest conns/weight, then balance ties */
 
     fewest = NULL;
+    fst = NULL;
 
     for (i = 0; i < pool->peers.nelts; i++) {
         peer = &peers[i];
 
         if (!ngx_mail_smtp_ext_peer_usable(peer, i, tried, backup, single,
-                                           now))
+                                           now, busy))
         {
             continue;
         }
 
+        st = ngx_mail_smtp_ext_peer_state(peer);
+
         if (pool->least_conn
             && (fewest == NULL
-                || peer->conns * fewest->weight
-                   < fewest->conns * peer->weight))
+                || st->conns * fewest->weight < fst->conns * peer->weight))
         {
             fewest = peer;
+            fst = st;
         }
     }
 
     best = NULL;
+    bst = NULL;
     total = 0;
 
     for (i = 0; i < pool->peers.nelts; i++) {
         peer = &peers[i];
 
         if (!ngx_mail_smtp_ext_peer_usable(peer, i, tried, backup, single,
-                                           now))
+                                           now, busy))
         {
             continue;
         }
+
+        st = ngx_mail_smtp_ext_peer_state(peer);
 
         if (fewest
-            && peer->conns * fewest->weight != fewest->conns * peer->weight)
+            && st->conns * fewest->weight != fst->conns * peer->weight)
         {
             continue;
         }
 
-        peer->current_weight += peer->effective_weight;
-        total += peer->effective_weight;
+        st->current_weight += st->effective_weight;
+        total += st->effective_weight;
 
-        if (peer->effective_weight < (ngx_int_t) peer->weight) {
-            peer->effective_weight++;
+        if (st->effective_weight < (ngx_int_t) peer->weight) {
+            st->effective_weight++;
         }
 
-        if (best == NULL || peer->current_weight > best->current_weight) {
+        if (best == NULL || st->current_weight > bst->current_weight) {
             best = peer;
+            bst = st;
         }
     }
 
@@ -429,10 +540,10 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
         return NULL;
     }
 
-    best->current_weight -= total;
+    bst->current_weight -= total;
 
-    if (now - best->checked > best->fail_timeout) {
-        best->checked = now;
+    if (now - bst->checked > best->fail_timeout) {
+        bst->checked = now;
     }
 
     return best;
@@ -441,14 +552,18 @@ ngx_mail_smtp_ext_pick(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
 
 /*
  * Peer i may take this connect: of the tier asked for, not down, not
- * tried yet, and not failed max_fails times within fail_timeout (a single
- * peer is always tried, as nginx's upstream does).
+ * tried yet, healthy, below max_conns, and not failed max_fails times
+ * within fail_timeout (a single peer is always tried for failures, as
+ * nginx's upstream does, but not when unhealthy or busy).
  */
 
 static ngx_uint_t
 ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t i,
-    ngx_uint_t tried, ngx_uint_t backup, ngx_uint_t single, time_t now)
+    ngx_uint_t tried, ngx_uint_t backup, ngx_uint_t single, time_t now,
+    ngx_uint_t *busy)
 {
+    ngx_mail_smtp_ext_peer_state_t  *st;
+
     if (peer->backup != backup
         || peer->down
         || (tried & ((ngx_uint_t) 1 << i)))
@@ -456,11 +571,22 @@ ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t i,
         return 0;
     }
 
+    st = ngx_mail_smtp_ext_peer_state(peer);
+
+    if (st->unhealthy) {
+        return 0;
+    }
+
     if (!single
         && peer->max_fails
-        && peer->fails >= peer->max_fails
-        && now - peer->checked <= peer->fail_timeout)
+        && st->fails >= peer->max_fails
+        && now - st->checked <= peer->fail_timeout)
     {
+        return 0;
+    }
+
+    if (peer->max_conns && st->conns >= peer->max_conns) {
+        *busy = 1;
         return 0;
     }
 
@@ -469,30 +595,53 @@ ngx_mail_smtp_ext_peer_usable(ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t i,
 
 
 void
-ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_peer_t *peer,
-    ngx_uint_t failed)
+ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_pool_t *pool,
+    ngx_mail_smtp_ext_peer_t *peer, ngx_uint_t failed)
 {
-    if (peer->conns) {
-        peer->conns--;
-    }
+    ngx_mail_smtp_ext_peer_state_t  *st;
 
-    if (failed) {
-        peer->fails++;
-        peer->checked = ngx_time();
+    st = ngx_mail_smtp_ext_peer_state(peer);
 
-        if (peer->max_fails) {
-            peer->effective_weight -= peer->weight / peer->max_fails;
-        }
+    ngx_mail_smtp_ext_pool_lock(pool);
 
-        if (peer->effective_weight < 0) {
-            peer->effective_weight = 0;
-        }
+    if (st->conns) {
+        st->conns--;
     }
 
     /*
      * A normal close says nothing of the peer's health now: only a
-     * successful handshake (the relay's "ready") forgets its failures.
+     * successful handshake forgets its failures.
      */
+
+    if (failed) {
+        st->fails++;
+        st->checked = ngx_time();
+        (void) ngx_atomic_fetch_add(&st->failures, 1);
+
+        if (peer->max_fails) {
+            st->effective_weight -= peer->weight / peer->max_fails;
+        }
+
+        if (st->effective_weight < 0) {
+            st->effective_weight = 0;
+        }
+    }
+
+    ngx_mail_smtp_ext_pool_unlock(pool);
+}
+
+
+void
+ngx_mail_smtp_ext_peer_ready(ngx_mail_smtp_ext_pool_t *pool,
+    ngx_mail_smtp_ext_peer_t *peer)
+{
+    ngx_mail_smtp_ext_peer_state_t  *st;
+
+    st = ngx_mail_smtp_ext_peer_state(peer);
+
+    ngx_mail_smtp_ext_pool_lock(pool);
+    st->fails = 0;
+    ngx_mail_smtp_ext_pool_unlock(pool);
 }
 
 
@@ -501,4 +650,326 @@ ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
     ngx_mail_smtp_ext_peer_t *peer)
 {
     return peer - (ngx_mail_smtp_ext_peer_t *) pool->peers.elts;
+}
+
+
+/* zone NAME [SIZE] */
+
+static char *
+ngx_mail_smtp_ext_upstream_zone(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ssize_t     size;
+    ngx_str_t  *value;
+
+    value = cf->args->elts;
+
+    if (pool->shm_zone) {
+        return "is duplicate";
+    }
+
+    if (cf->args->nelts < 2 || cf->args->nelts > 3 || value[1].len == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "invalid \"zone\" in smtp_ext_upstream \"%V\", "
+                           "expected \"zone NAME [SIZE]\"", &pool->name);
+        return NGX_CONF_ERROR;
+    }
+
+    size = 65536;
+
+    if (cf->args->nelts == 3) {
+        size = ngx_parse_size(&value[2]);
+
+        if (size == NGX_ERROR || size < (ssize_t) (8 * ngx_pagesize)) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "zone \"%V\" is too small, at least %uzk",
+                               &value[1], 8 * ngx_pagesize / 1024);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    pool->shm_zone = ngx_shared_memory_add(cf, &value[1], size,
+                                           &ngx_mail_smtp_ext_module);
+    if (pool->shm_zone == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    if (pool->shm_zone->data) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "zone \"%V\" is used by another "
+                           "smtp_ext_upstream", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    pool->shm_zone->init = ngx_mail_smtp_ext_zone_init;
+    pool->shm_zone->data = pool;
+
+    return NGX_CONF_OK;
+}
+
+
+/*
+ * Runs in the master at start and reload.  A zone that survives a reload
+ * keeps its peers' state when the pool's servers are the same.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone, void *data)
+{
+    ngx_mail_smtp_ext_pool_t *pool = shm_zone->data;
+
+    size_t                            len;
+    uint32_t                          signature;
+    ngx_uint_t                        i;
+    ngx_slab_pool_t                  *shpool;
+    ngx_mail_smtp_ext_zone_t         *zone;
+    ngx_mail_smtp_ext_peer_t         *peers;
+    ngx_mail_smtp_ext_peer_state_t   *st;
+
+    shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
+    pool->shpool = shpool;
+
+    peers = pool->peers.elts;
+    signature = ngx_mail_smtp_ext_pool_signature(pool);
+
+    zone = data ? shpool->data : NULL;
+
+    if (zone
+        && zone->magic == NGX_MAIL_SMTP_EXT_ZONE_MAGIC
+        && zone->signature == signature
+        && zone->npeers == pool->peers.nelts)
+    {
+        for (i = 0; i < pool->peers.nelts; i++) {
+            peers[i].shared = &zone->peers[i];
+
+            if (pool->hc_mandatory && pool->hc_interval) {
+                /* until the first good check of the new configuration */
+                zone->peers[i].unhealthy = 1;
+                zone->peers[i].hc_passes = 0;
+            }
+        }
+
+        return NGX_OK;
+    }
+
+    if (zone) {
+        ngx_slab_free(shpool, zone);
+    }
+
+    len = sizeof(ngx_mail_smtp_ext_zone_t)
+          + (pool->peers.nelts - 1) * sizeof(ngx_mail_smtp_ext_peer_state_t);
+
+    zone = ngx_slab_calloc(shpool, len);
+    if (zone == NULL) {
+        ngx_log_error(NGX_LOG_EMERG, shm_zone->shm.log, 0,
+                      "zone \"%V\" of smtp_ext_upstream \"%V\" is too small",
+                      &shm_zone->shm.name, &pool->name);
+        return NGX_ERROR;
+    }
+
+    zone->magic = NGX_MAIL_SMTP_EXT_ZONE_MAGIC;
+    zone->signature = signature;
+    zone->npeers = pool->peers.nelts;
+
+    for (i = 0; i < pool->peers.nelts; i++) {
+        st = &zone->peers[i];
+        st->effective_weight = peers[i].weight;
+        st->unhealthy = (pool->hc_mandatory && pool->hc_interval);
+        peers[i].shared = st;
+    }
+
+    shpool->data = zone;
+
+    return NGX_OK;
+}
+
+
+/* what makes a pool "the same" across a reload */
+
+static uint32_t
+ngx_mail_smtp_ext_pool_signature(ngx_mail_smtp_ext_pool_t *pool)
+{
+    uint32_t                   crc;
+    ngx_uint_t                 i;
+    ngx_mail_smtp_ext_peer_t  *peers;
+
+    peers = pool->peers.elts;
+
+    ngx_crc32_init(crc);
+
+    for (i = 0; i < pool->peers.nelts; i++) {
+        ngx_crc32_update(&crc, peers[i].name.data, peers[i].name.len);
+        ngx_crc32_update(&crc, (u_char *) &peers[i].weight,
+                         sizeof(ngx_uint_t));
+        ngx_crc32_update(&crc, (u_char *) &peers[i].max_fails,
+                         sizeof(ngx_uint_t));
+        ngx_crc32_update(&crc, (u_char *) &peers[i].fail_timeout,
+                         sizeof(time_t));
+        ngx_crc32_update(&crc, (u_char *) (peers[i].backup ? "b" : "p"), 1);
+        ngx_crc32_update(&crc, (u_char *) (peers[i].down ? "d" : "u"), 1);
+    }
+
+    ngx_crc32_final(crc);
+
+    return crc;
+}
+
+
+/*
+ * health_check [interval=T] [fails=N] [passes=N] [timeout=T] [jitter=T]
+ *     [mandatory] [ehlo=NAME]
+ */
+
+static char *
+ngx_mail_smtp_ext_upstream_health(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ngx_int_t    n;
+    ngx_str_t   *value, s;
+    ngx_msec_t   t, *tp;
+    ngx_uint_t   i;
+
+    if (pool->hc_interval) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    pool->hc_interval = 5000;
+
+    for (i = 1; i < cf->args->nelts; i++) {
+
+        tp = NULL;
+
+        if (ngx_strncmp(value[i].data, "interval=", 9) == 0) {
+            tp = &pool->hc_interval;
+            s.data = value[i].data + 9;
+            s.len = value[i].len - 9;
+
+        } else if (ngx_strncmp(value[i].data, "timeout=", 8) == 0) {
+            tp = &pool->hc_timeout;
+            s.data = value[i].data + 8;
+            s.len = value[i].len - 8;
+
+        } else if (ngx_strncmp(value[i].data, "jitter=", 7) == 0) {
+            tp = &pool->hc_jitter;
+            s.data = value[i].data + 7;
+            s.len = value[i].len - 7;
+        }
+
+        if (tp) {
+            t = ngx_parse_time(&s, 0);
+            if (t == (ngx_msec_t) NGX_ERROR
+                || (t == 0 && tp != &pool->hc_jitter))
+            {
+                goto invalid;
+            }
+
+            *tp = t;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "fails=", 6) == 0) {
+            n = ngx_atoi(value[i].data + 6, value[i].len - 6);
+            if (n == NGX_ERROR || n == 0) {
+                goto invalid;
+            }
+
+            pool->hc_fails = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "passes=", 7) == 0) {
+            n = ngx_atoi(value[i].data + 7, value[i].len - 7);
+            if (n == NGX_ERROR || n == 0) {
+                goto invalid;
+            }
+
+            pool->hc_passes = n;
+            continue;
+        }
+
+        if (ngx_strncmp(value[i].data, "ehlo=", 5) == 0
+            && value[i].len > 5)
+        {
+            pool->hc_ehlo.data = value[i].data + 5;
+            pool->hc_ehlo.len = value[i].len - 5;
+            continue;
+        }
+
+        if (ngx_strcmp(value[i].data, "mandatory") == 0) {
+            pool->hc_mandatory = 1;
+            continue;
+        }
+
+        goto invalid;
+    }
+
+    if (pool->hc_ehlo.len == 0) {
+        pool->hc_ehlo = cf->cycle->hostname;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid health_check parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+/* keepalive N [timeout=T] */
+
+static char *
+ngx_mail_smtp_ext_upstream_keepalive(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ngx_int_t   n;
+    ngx_str_t  *value, s;
+
+    if (pool->keepalive) {
+        return "is duplicate";
+    }
+
+    value = cf->args->elts;
+
+    if (cf->args->nelts < 2 || cf->args->nelts > 3) {
+        goto invalid;
+    }
+
+    n = ngx_atoi(value[1].data, value[1].len);
+    if (n == NGX_ERROR || n == 0) {
+        goto invalid;
+    }
+
+    pool->keepalive = n;
+    pool->keepalive_timeout = 60000;
+
+    if (cf->args->nelts == 3) {
+        if (ngx_strncmp(value[2].data, "timeout=", 8) != 0) {
+            goto invalid;
+        }
+
+        s.data = value[2].data + 8;
+        s.len = value[2].len - 8;
+
+        pool->keepalive_timeout = ngx_parse_time(&s, 0);
+        if (pool->keepalive_timeout == (ngx_msec_t) NGX_ERROR
+            || pool->keepalive_timeout == 0)
+        {
+            goto invalid;
+        }
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid \"keepalive\" in smtp_ext_upstream \"%V\", "
+                       "expected \"keepalive N [timeout=T]\"", &pool->name);
+
+    return NGX_CONF_ERROR;
 }
