@@ -758,4 +758,107 @@ sub close {
     close $self->{sock};
 }
 
+
+
+###########################################################################
+# Helpers for t/96-slowloris.t, t/97-session-memory.t, t/98-reload.t
+# (slow clients, long pipelined sessions, reload and shutdown).
+
+package SmtpExt::Test;
+
+push @EXPORT, qw(nginx_workers process_gone);
+
+# the children of a master: { pid => title } ("nginx: worker process",
+# "nginx: worker process is shutting down", "nginx: cache manager ...")
+sub nginx_workers {
+    my ($n) = @_;
+    $n //= $last_nginx;
+    my %w;
+    return \%w unless $n && $n->{pid};
+    opendir my $d, '/proc' or return \%w;
+    for my $p (grep { /^\d+$/ } readdir $d) {
+        my $st = read_file("/proc/$p/stat") // next;
+        next unless $st =~ /\)\s+(\S+)\s+(\d+)/;
+        next unless $2 == $n->{pid} && $1 ne 'Z';
+        my $cmd = read_file("/proc/$p/cmdline") // '';
+        $cmd =~ s/\0+/ /g;
+        $cmd =~ s/\s+$//;
+        $w{$p} = $cmd;
+    }
+    return \%w;
+}
+
+# true when a process is gone or a zombie (exited, not yet reaped)
+sub process_gone {
+    my ($pid) = @_;
+    my $st = read_file("/proc/$pid/stat") // return 1;
+    return $st =~ /\)\s+Z\s/ ? 1 : 0;
+}
+
+
+package SmtpExt::Test::Client;
+
+# Send many command lines pipelined (RFC 2920) while reading the replies,
+# so that neither side blocks.  Returns a reference to the list of the
+# replies (each a full, maybe multiline, reply text) in order; stops early
+# when the server closes, or after timeout seconds (default 60).
+sub pipeline {
+    my ($self, $lines, %opt) = @_;
+    my $s = $self->{sock};
+    my $data = join '', map { "$_\r\n" } @$lines;
+    my $want = $opt{replies} // scalar @$lines;
+    my $deadline = time + ($opt{timeout} // 60);
+    my ($off, $text, @got) = (0, '');
+
+    local $SIG{PIPE} = 'IGNORE';
+    $s->blocking(0);
+
+    while (@got < $want && !$self->{eof}) {
+        my $left = $deadline - time;
+        last if $left <= 0;
+
+        my $rs = IO::Select->new($s);
+        my $ws = $off < length($data) ? IO::Select->new($s) : undef;
+        my ($r, $w) = IO::Select->select($rs, $ws, undef, $left);
+
+        if ($w && @$w) {
+            my $len = length($data) - $off;
+            $len = 65536 if $len > 65536;
+            my $n = syswrite($s, $data, $len, $off);
+            if (defined $n) {
+                $off += $n;
+            } elsif (!$!{EAGAIN} && !$!{EWOULDBLOCK} && !$!{EINTR}) {
+                # the server is gone: read what it said
+                $off = length $data;
+            }
+        }
+
+        next unless $r && @$r;
+
+        my $n = sysread($s, my $chunk, 65536);
+        if (!defined $n) {
+            next if $!{EAGAIN} || $!{EWOULDBLOCK} || $!{EINTR};
+            $self->{eof} = 1;
+            last;
+        }
+        if ($n == 0) {
+            $self->{eof} = 1;
+            last;
+        }
+        $self->{buf} .= $chunk;
+
+        while ((my $i = index($self->{buf}, "\n")) >= 0) {
+            my $line = substr($self->{buf}, 0, $i + 1, '');
+            $text .= $line;
+            next if $line =~ /^\d{3}-/;
+            push @got, $text;
+            $text = '';
+        }
+    }
+
+    $self->{buf} = $text . $self->{buf};
+    $s->blocking(1);
+    return \@got;
+}
+
 1;
