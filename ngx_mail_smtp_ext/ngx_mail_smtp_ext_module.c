@@ -584,8 +584,9 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
     }
 
     len = sizeof("421 4.7.0  Too many errors" CRLF) - 1
-          + cscf->server_name.len;
-    p = ngx_pnalloc(cf->pool, 2 * len);
+          + sizeof("421 4.4.2  Timeout exceeded" CRLF) - 1
+          + 2 * cscf->server_name.len;
+    p = ngx_pnalloc(cf->pool, len);
     if (p == NULL) {
         return NGX_CONF_ERROR;
     }

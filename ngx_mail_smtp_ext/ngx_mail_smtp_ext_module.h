@@ -302,6 +302,7 @@ ngx_uint_t ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s,
     u_char **p, size_t *len);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_relay_close(ngx_mail_session_t *s, ngx_uint_t quit);
+void ngx_mail_smtp_ext_relay_release(ngx_mail_session_t *s);
 ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool);
 ngx_str_t *ngx_mail_smtp_ext_relay_peer_name(ngx_mail_session_t *s);

@@ -37,6 +37,7 @@ typedef enum {
     ngx_relay_starttls,
     ngx_relay_xclient,
     ngx_relay_xehlo,
+    ngx_relay_rset,         /* a cached connection taken again */
     ngx_relay_idle,
     ngx_relay_cmds,
     ngx_relay_data,
@@ -103,6 +104,9 @@ struct ngx_mail_smtp_ext_relay_s {
     unsigned                           pending:1;  /* the session waits */
     unsigned                           last:1;     /* the dot is queued */
     unsigned                           reply_cut:1;
+    unsigned                           reusing:1;
+
+    ngx_queue_t                        queue;      /* in pool->cache */
 };
 
 
@@ -117,6 +121,14 @@ static void ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r,
 static void ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r,
     ngx_int_t rc, ngx_uint_t code, u_char *p, size_t len);
 static void ngx_mail_smtp_ext_relay_data_free(ngx_mail_smtp_ext_relay_t *r);
+static ngx_mail_smtp_ext_relay_t *ngx_mail_smtp_ext_relay_cached(
+    ngx_mail_session_t *s, ngx_mail_smtp_ext_pool_t *pool);
+static void ngx_mail_smtp_ext_relay_set_log(ngx_mail_smtp_ext_relay_t *r,
+    ngx_log_t *log);
+static void ngx_mail_smtp_ext_relay_cache_close(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t quit);
+static void ngx_mail_smtp_ext_relay_cache_handler(ngx_event_t *ev);
+static void ngx_mail_smtp_ext_relay_cache_write(ngx_event_t *ev);
 static ngx_int_t ngx_mail_smtp_ext_relay_read_reply(
     ngx_mail_smtp_ext_relay_t *r, ngx_uint_t *code, u_char **p, size_t *len);
 static void ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r);
@@ -151,12 +163,31 @@ ngx_int_t
 ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool)
 {
-    ngx_int_t                   rc;
-    ngx_pool_t                 *p;
-    ngx_mail_smtp_ext_ctx_t    *ctx;
-    ngx_mail_smtp_ext_relay_t  *r;
+    ngx_int_t                      rc;
+    ngx_pool_t                    *p;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_relay_t     *r;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    /* an idle connection of the pool's cache, made ready for this client */
+
+    r = ngx_mail_smtp_ext_relay_cached(s, pool);
+
+    if (r) {
+        ctx->relay = r;
+        r->pending = 1;
+
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+        ngx_add_timer(r->pc.connection->read, sscf->connect_timeout);
+
+        /* a failure is reported later: the next peer is tried then */
+
+        (void) ngx_mail_smtp_ext_relay_send_line(r, ngx_relay_rset,
+                                                 "RSET" CRLF);
+        return NGX_AGAIN;
+    }
 
     /* the relay has its own pool: it may outlive a transaction */
 
@@ -338,7 +369,8 @@ ngx_mail_smtp_ext_relay_next(ngx_mail_smtp_ext_relay_t *r, char *reason)
                   "smtp_ext: backend %V %s",
                   r->peer ? &r->peer->name : &r->upstream->name, reason);
 
-    ngx_mail_smtp_ext_relay_close_peer(r, 1);
+    ngx_mail_smtp_ext_relay_close_peer(r, !r->reusing);
+    r->reusing = 0;
 
     rc = ngx_mail_smtp_ext_relay_connect(r);
 
@@ -446,13 +478,234 @@ ngx_mail_smtp_ext_relay_free(ngx_mail_smtp_ext_relay_t *r)
         ngx_delete_posted_event(&r->fail_ev);
     }
 
-    ctx = ngx_mail_get_module_ctx(r->session, ngx_mail_smtp_ext_module);
+    if (r->session) {
+        ctx = ngx_mail_get_module_ctx(r->session, ngx_mail_smtp_ext_module);
 
-    if (ctx->relay == r) {
-        ctx->relay = NULL;
+        if (ctx->relay == r) {
+            ctx->relay = NULL;
+        }
     }
 
     ngx_destroy_pool(r->pool);
+}
+
+
+/*
+ * keepalive: the end of a transaction gives an idle, healthy backend
+ * connection to the pool's per-worker cache instead of keeping it with
+ * the client session.  Without keepalive the session keeps it.
+ */
+
+void
+ngx_mail_smtp_ext_relay_release(ngx_mail_session_t *s)
+{
+    ngx_queue_t                   *q;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_pool_t      *pool;
+    ngx_mail_smtp_ext_relay_t     *r, *old;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->upstream->keepalive == 0) {
+        return;
+    }
+
+    pool = r->upstream;
+    c = r->pc.connection;
+
+    if (c == NULL || r->broken || r->pending || !r->handshaked
+        || r->state != ngx_relay_idle
+        || r->out->pos != r->out->last
+        || r->in->pos != r->in->last
+        || sscf->proxy_protocol
+        || ngx_exiting || ngx_terminate)
+    {
+        /* after an error, with a PROXY header of this client, or exiting */
+        ngx_mail_smtp_ext_relay_close(s, 1);
+        return;
+    }
+
+    if (pool->cached >= pool->keepalive) {
+        q = ngx_queue_last(&pool->cache);
+        old = ngx_queue_data(q, ngx_mail_smtp_ext_relay_t, queue);
+        ngx_mail_smtp_ext_relay_cache_close(old, 1);
+    }
+
+    ctx->relay = NULL;
+    r->session = NULL;
+
+    ngx_mail_smtp_ext_relay_set_log(r, ngx_cycle->log);
+
+    if (c->read->timer_set) {
+        ngx_del_timer(c->read);
+    }
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    c->read->handler = ngx_mail_smtp_ext_relay_cache_handler;
+    c->write->handler = ngx_mail_smtp_ext_relay_cache_write;
+
+    /* nginx closes it at reload; its timer does not keep a worker */
+    c->idle = 1;
+    c->read->cancelable = 1;
+    ngx_add_timer(c->read, pool->keepalive_timeout);
+
+    ngx_queue_insert_head(&pool->cache, &r->queue);
+    pool->cached++;
+
+    ngx_log_debug1(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                   "smtp_ext: backend %V cached", &r->peer->name);
+
+    if (c->read->ready) {
+        ngx_post_event(c->read, &ngx_posted_events);
+    }
+}
+
+
+/* the most recently used idle connection to a peer that may take one */
+
+static ngx_mail_smtp_ext_relay_t *
+ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_pool_t *pool)
+{
+    ngx_queue_t                     *q;
+    ngx_connection_t                *c;
+    ngx_mail_smtp_ext_relay_t       *r;
+    ngx_mail_smtp_ext_peer_state_t  *st;
+
+    while (!ngx_queue_empty(&pool->cache)) {
+
+        q = ngx_queue_head(&pool->cache);
+        r = ngx_queue_data(q, ngx_mail_smtp_ext_relay_t, queue);
+        st = ngx_mail_smtp_ext_peer_state(r->peer);
+
+        if (r->peer->down || st->unhealthy) {
+            ngx_mail_smtp_ext_relay_cache_close(r, 1);
+            continue;
+        }
+
+        ngx_queue_remove(q);
+        pool->cached--;
+
+        c = r->pc.connection;
+
+        if (c->read->timer_set) {
+            ngx_del_timer(c->read);
+        }
+
+        c->idle = 0;
+        c->read->cancelable = 0;
+        c->read->handler = ngx_mail_smtp_ext_relay_read_handler;
+        c->write->handler = ngx_mail_smtp_ext_relay_write_handler;
+
+        r->session = s;
+        ngx_mail_smtp_ext_relay_set_log(r, s->connection->log);
+
+        /* as a new connection, up to "ready" */
+
+        r->reusing = 1;
+        r->handshaked = 0;
+        r->tried = 0;
+        r->mail_sent = 0;
+        r->need_rset = 0;
+        r->fail_len = 0;
+        r->fail_code = 0;
+
+        ngx_log_debug1(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                       "smtp_ext: backend %V taken from the cache",
+                       &r->peer->name);
+
+        return r;
+    }
+
+    return NULL;
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_set_log(ngx_mail_smtp_ext_relay_t *r, ngx_log_t *log)
+{
+    ngx_connection_t  *c;
+
+    c = r->pc.connection;
+
+    r->pool->log = log;
+    r->pc.log = log;
+    c->log = log;
+    c->pool->log = log;
+    c->read->log = log;
+    c->write->log = log;
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_cache_close(ngx_mail_smtp_ext_relay_t *r,
+    ngx_uint_t quit)
+{
+    ngx_connection_t  *c;
+
+    ngx_queue_remove(&r->queue);
+    r->upstream->cached--;
+
+    c = r->pc.connection;
+
+    if (quit && c && c->ssl == NULL) {
+        (void) c->send(c, (u_char *) "QUIT" CRLF, sizeof("QUIT" CRLF) - 1);
+    }
+
+    ngx_mail_smtp_ext_relay_free(r);
+}
+
+
+/*
+ * A cached connection: anything the backend sends (its close, a 421) or
+ * its idle timeout ends it, and so does a reload or shutdown.
+ */
+
+static void
+ngx_mail_smtp_ext_relay_cache_handler(ngx_event_t *ev)
+{
+    u_char                      buf[1];
+    ssize_t                     n;
+    ngx_connection_t           *c;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    c = ev->data;
+    r = c->data;
+
+    if (ev->timedout || c->close) {
+        ngx_mail_smtp_ext_relay_cache_close(r, 1);
+        return;
+    }
+
+    n = c->recv(c, buf, 1);
+
+    if (n == NGX_AGAIN) {
+        if (ngx_handle_read_event(ev, 0) != NGX_OK) {
+            ngx_mail_smtp_ext_relay_cache_close(r, 0);
+        }
+
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                  "smtp_ext: idle backend %V %s", &r->peer->name,
+                  n > 0 ? "sent data" : "closed the connection");
+
+    ngx_mail_smtp_ext_relay_cache_close(r, 0);
+}
+
+
+static void
+ngx_mail_smtp_ext_relay_cache_write(ngx_event_t *ev)
+{
+    /* nothing is written to an idle connection */
 }
 
 
@@ -1028,6 +1281,24 @@ ngx_mail_smtp_ext_relay_handshake(ngx_mail_smtp_ext_relay_t *r,
         return;
 #endif
 
+    case ngx_relay_rset:
+        if (code / 100 != 2) {
+            ngx_mail_smtp_ext_relay_next(r, "refused RSET of a cached "
+                                            "connection");
+            return;
+        }
+
+        if (sscf->xclient && (r->ehlo.caps & NGX_SMTP_CAP_XCLIENT)) {
+            if (ngx_mail_smtp_ext_relay_xclient(r) != NGX_OK) {
+                ngx_mail_smtp_ext_relay_next(r, "XCLIENT failed");
+            }
+
+            return;
+        }
+
+        ngx_mail_smtp_ext_relay_ready(r);
+        return;
+
     case ngx_relay_xclient:
         if (code / 100 != 2) {
             ngx_mail_smtp_ext_relay_next(r, "refused XCLIENT");
@@ -1104,6 +1375,7 @@ ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r)
     }
 
     r->handshaked = 1;
+    r->reusing = 0;
     r->state = ngx_relay_idle;
     ngx_mail_smtp_ext_peer_ready(r->upstream, r->peer);
 
@@ -1206,9 +1478,18 @@ ngx_mail_smtp_ext_relay_xclient(ngx_mail_smtp_ext_relay_t *r)
                         (ngx_uint_t) ngx_inet_get_port(c->sockaddr));
     }
 
+    /*
+     * A connection taken from the cache names every attribute the backend
+     * lists: nothing of its last client may stay with it.
+     */
+
     if ((attrs & NGX_SMTP_XCLIENT_HELO) && ctx->helo_len) {
         p = ngx_cpymem(p, " HELO=", sizeof(" HELO=") - 1);
         p += ngx_smtp_xtext_encode(p, ctx->helo, ctx->helo_len);
+
+    } else if ((attrs & NGX_SMTP_XCLIENT_HELO) && r->reusing) {
+        p = ngx_cpymem(p, " HELO=[UNAVAILABLE]",
+                       sizeof(" HELO=[UNAVAILABLE]") - 1);
     }
 
     if (attrs & NGX_SMTP_XCLIENT_NAME) {
@@ -1229,6 +1510,10 @@ ngx_mail_smtp_ext_relay_xclient(ngx_mail_smtp_ext_relay_t *r)
     if ((attrs & NGX_SMTP_XCLIENT_LOGIN) && s->login.len) {
         p = ngx_cpymem(p, " LOGIN=", sizeof(" LOGIN=") - 1);
         p += ngx_smtp_xtext_encode(p, s->login.data, s->login.len);
+
+    } else if ((attrs & NGX_SMTP_XCLIENT_LOGIN) && r->reusing) {
+        p = ngx_cpymem(p, " LOGIN=[UNAVAILABLE]",
+                       sizeof(" LOGIN=[UNAVAILABLE]") - 1);
     }
 
     *p++ = CR; *p++ = LF;

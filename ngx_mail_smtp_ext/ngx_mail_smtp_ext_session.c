@@ -30,6 +30,9 @@
 #define NGX_SMTP_EXT_STEP_LOOKUP  5
 #define NGX_SMTP_EXT_STEP_BODY    6   /* a blocked body write */
 
+/* how long input is drained after the last reply */
+#define NGX_SMTP_EXT_LINGER       2000
+
 /* a backend reply larger than the reply buffer goes through this one */
 #define NGX_SMTP_EXT_BIG_OUT      8192
 
@@ -128,6 +131,8 @@ static void ngx_mail_smtp_ext_cleanup(void *data);
 static ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_linger(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_linger_handler(ngx_event_t *ev);
 static ngx_uint_t ngx_mail_smtp_ext_client_gone(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
 
@@ -1554,6 +1559,9 @@ ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
 
     ngx_mail_smtp_ext_log_tx(s);
 
+    /* with keepalive the backend connection goes back to the pool */
+    ngx_mail_smtp_ext_relay_release(s);
+
     ctx->in_tx = 0;
     ctx->rcpts = 0;
     ctx->rcpts_tried = 0;
@@ -1817,11 +1825,89 @@ ngx_mail_smtp_ext_flush(ngx_mail_session_t *s)
     }
 
     if (ctx->state == ngx_smtp_ext_closing) {
-        ngx_mail_smtp_ext_close(s, NULL);
+        ngx_mail_smtp_ext_linger(s);
         return NGX_DONE;
     }
 
     return NGX_OK;
+}
+
+
+/*
+ * After the last reply: the client's unread input must not turn our
+ * close into a reset that destroys the reply before it is read (a
+ * client that still sends when it gets 421).  Send FIN, drain the input
+ * a little while, then close (as nginx's lingering close in http).
+ */
+
+static void
+ngx_mail_smtp_ext_linger(ngx_mail_session_t *s)
+{
+    ngx_connection_t  *c;
+
+    c = s->connection;
+
+    ngx_mail_smtp_ext_relay_close(s, 0);
+
+    if (c->ssl || c->read->eof || c->read->error
+        || shutdown(c->fd, SHUT_WR) == -1)
+    {
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    c->idle = 0;
+    c->read->handler = ngx_mail_smtp_ext_linger_handler;
+    c->write->handler = ngx_mail_smtp_ext_linger_handler;
+
+    if (c->write->timer_set) {
+        ngx_del_timer(c->write);
+    }
+
+    ngx_add_timer(c->read, NGX_SMTP_EXT_LINGER);
+
+    ngx_mail_smtp_ext_linger_handler(c->read);
+}
+
+
+static void
+ngx_mail_smtp_ext_linger_handler(ngx_event_t *ev)
+{
+    ssize_t            n;
+    ngx_uint_t         i;
+    ngx_connection_t  *c;
+    u_char             buf[NGX_SMTP_MAX_LINE];
+
+    c = ev->data;
+
+    if (ev->write) {
+        return;
+    }
+
+    if (ev->timedout) {
+        ngx_mail_close_connection(c);
+        return;
+    }
+
+    for (i = 0; i < 64; i++) {
+        n = c->recv(c, buf, sizeof(buf));
+
+        if (n == NGX_AGAIN) {
+            if (ngx_handle_read_event(ev, 0) != NGX_OK) {
+                ngx_mail_close_connection(c);
+            }
+
+            return;
+        }
+
+        if (n == NGX_ERROR || n == 0) {
+            ngx_mail_close_connection(c);
+            return;
+        }
+    }
+
+    /* a flood: read the rest later, within the same deadline */
+    ngx_post_event(ev, &ngx_posted_events);
 }
 
 
