@@ -108,7 +108,7 @@ ngx_smtp_sasl_response(u_char *p, size_t len, size_t *decoded)
 
     /* padding, when present, completes the last group exactly */
 
-    if (pad && (n + pad) % 4 != 0) {
+    if (pad > 2 || (pad && (n + pad) % 4 != 0)) {
         return NGX_SMTP_AUTH_BAD;
     }
 
@@ -357,11 +357,11 @@ ngx_smtp_route_target(u_char *p, size_t len, ngx_smtp_route_t *rt)
         rt->host.len = colon - p;
     }
 
-    /* the port: 1-65535, decimal, no sign */
+    /* the port: 1-65535, decimal, no sign, no leading zero */
 
     port = colon + 1;
 
-    if (port == last || last - port > 5) {
+    if (port == last || last - port > 5 || port[0] == '0') {
         goto invalid;
     }
 

@@ -107,6 +107,8 @@ test_response(void)
         { "YWJj=", NGX_SMTP_AUTH_BAD, 0 },            /* needless pad */
         { "YQ===", NGX_SMTP_AUTH_BAD, 0 },
         { "==", NGX_SMTP_AUTH_BAD, 0 },
+        { "====", NGX_SMTP_AUTH_BAD, 0 },
+        { "YWJj====", NGX_SMTP_AUTH_BAD, 0 },
         { "YQ==YQ==", NGX_SMTP_AUTH_BAD, 0 },         /* pad inside */
         { "YW=i", NGX_SMTP_AUTH_BAD, 0 },
         { "!!!notbase64", NGX_SMTP_AUTH_BAD, 0 },
@@ -429,6 +431,8 @@ test_route(void)
         { "127.0.0.1:0", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
         { "127.0.0.1:65536", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
         { "127.0.0.1:025252", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
+        { "127.0.0.1:025", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
+        { "localhost:00", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
         { "127.0.0.1:", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
         { "127.0.0.1:+25", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
         { "127.0.0.1:25:25", NGX_SMTP_ROUTE_INVALID, NULL, 0 },
