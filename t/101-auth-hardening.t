@@ -371,7 +371,8 @@ for my $i (1 .. $seen{b1} - 1) {
 my $log = error_log($n);
 my @as_admin = $log =~ /authenticated as "admin"/g;
 is(scalar @as_admin, 1, '"authenticated as admin" logged once, at the end');
-unlike($log, qr/admin-pw|slow-pw|slowest-pw|secret/, 'no password in the error log');
+unlike($log, qr/admin-pw|slow-pw|slowest-pw|secret/,
+    'no password in the error log');
 
 # the worker shuts down while a lookup and a password check are pending:
 # worker_shutdown_timeout closes their sessions, which take the lookup

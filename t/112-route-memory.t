@@ -180,6 +180,33 @@ $c->cmd('DATA', qr/^354 /);
 $c->send("two\r\n.\r\n");
 $c->expect(qr/^250 2\.0\.0 /, 'message to the IP:port route');
 $_->cmd('QUIT', qr/^221 /) for $ca, $cb, $c1, $c;
+
+# more run-time routes in one session than it holds at once, with a
+# backend connection open on one of them: 12 routes where nothing listens
+# (451) between transactions to b2's IP:port route (250)
+
+my @dead = map { SmtpExt::Test::port("dead$_") } 0 .. 11;
+$r->cmd('SET', "rcpt:d$_\@dead.test", "127.0.0.1:$dead[$_]") for 0 .. 11;
+$c = session('smtp');
+my ($ok451, $ok250) = (0, 0);
+for my $i (0 .. 11) {
+    $c->send("MAIL FROM:<s\@x.test>\r\nRCPT TO:<x\@b.test>\r\nRSET\r\n"
+        . "MAIL FROM:<s\@x.test>\r\nRCPT TO:<d$i\@dead.test>\r\nRSET\r\n");
+    my @rep = map { $c->reply() // '' } 1 .. 6;
+    $ok250++ if $rep[1] =~ /^250 2\.1\.5 /;
+    $ok451++ if $rep[4] =~ /^451 4\.4\.\d /;
+    diag("d$i: $rep[1]$rep[4]") unless $rep[1] =~ /^250/ && $rep[4] =~ /^451/;
+}
+is($ok250, 12, 'b2 route taken between the others');
+is($ok451, 12, 'routes to nothing: 451 4.4.x');
+$c->cmd('MAIL FROM:<s@x.test>', qr/^250 /);
+$c->cmd('RCPT TO:<x@b.test>', qr/^250 2\.1\.5 /);
+$c->cmd('DATA', qr/^354 /);
+$c->send("three\r\n.\r\n");
+$c->expect(qr/^250 2\.0\.0 /, 'message to b2 after the churn');
+$c->cmd('QUIT', qr/^221 /);
+ok(wait_for(sub { grep { /^three\r\n/ } $b2->messages() }, 5),
+    'b2 got the third message');
 ok(wait_for(sub { grep { /^two\r\n/ } $b2->messages() }, 5),
     'b2 got the second message');
 is(scalar(grep { /^one\r\n/ } $b1->messages()), 1,
