@@ -52,10 +52,16 @@ static ngx_str_t  ngx_smtp_ext_auth_pass_ask = ngx_string(
     "334 UGFzc3dvcmQ6" CRLF);
 
 
+static ngx_int_t ngx_mail_smtp_ext_auth_start(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_auth_end(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_auth_fail(ngx_mail_session_t *s,
+    ngx_str_t *reply);
 static ngx_int_t ngx_mail_smtp_ext_auth_decode(ngx_mail_session_t *s,
     u_char *data, size_t len, ngx_str_t *out);
 static ngx_int_t ngx_mail_smtp_ext_auth_plain(ngx_mail_session_t *s,
     u_char *data, size_t len);
+static ngx_int_t ngx_mail_smtp_ext_auth_login(ngx_mail_session_t *s,
+    ngx_int_t step, u_char *data, size_t len);
 static ngx_int_t ngx_mail_smtp_ext_auth_cram_challenge(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s,
     u_char *data, size_t len);
@@ -68,7 +74,7 @@ static void ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s,
 static void ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_auth_counted(void *data, redisReply **replies,
     ngx_uint_t n);
-static void ngx_mail_smtp_ext_auth_forget(ngx_mail_session_t *s);
+static void ngx_mail_smtp_ext_lookup_cleanup(void *data);
 
 
 ngx_int_t
@@ -94,12 +100,14 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_in_tx);
     }
 
-    ctx->auth_cram = 0;
-
     if (cmd->mech.len == 5
         && ngx_strncasecmp(cmd->mech.data, (u_char *) "PLAIN", 5) == 0
         && (sscf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_PLAIN))
     {
+        if (ngx_mail_smtp_ext_auth_start(s) != NGX_OK) {
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        }
+
         if (cmd->initial.len) {
             return ngx_mail_smtp_ext_auth_plain(s, cmd->initial.data,
                                                 cmd->initial.len);
@@ -114,23 +122,18 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         && ngx_strncasecmp(cmd->mech.data, (u_char *) "LOGIN", 5) == 0
         && (sscf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_LOGIN))
     {
-        ctx->state = ngx_smtp_ext_auth_line;
+        if (ngx_mail_smtp_ext_auth_start(s) != NGX_OK) {
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        }
 
         if (cmd->initial.len) {
-            if (ngx_mail_smtp_ext_auth_decode(s, cmd->initial.data,
-                                              cmd->initial.len, &s->login)
-                != NGX_OK)
-            {
-                ctx->state = ngx_smtp_ext_cmd;
-                return ngx_mail_smtp_ext_reply(s,
-                                          &ngx_smtp_ext_auth_decode);
-            }
-
-            ctx->auth_state = NGX_SMTP_EXT_AUTH_PASS;
-            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_pass_ask);
+            return ngx_mail_smtp_ext_auth_login(s, NGX_SMTP_AUTH_LOGIN_USER,
+                                                cmd->initial.data,
+                                                cmd->initial.len);
         }
 
         ctx->auth_state = NGX_SMTP_EXT_AUTH_USER;
+        ctx->state = ngx_smtp_ext_auth_line;
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_user_ask);
     }
 
@@ -139,6 +142,10 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         && (sscf->auth_methods & NGX_MAIL_SMTP_EXT_AUTH_CRAM_MD5)
         && cmd->initial.len == 0)
     {
+        if (ngx_mail_smtp_ext_auth_start(s) != NGX_OK) {
+            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        }
+
         return ngx_mail_smtp_ext_auth_cram_challenge(s);
     }
 
@@ -151,15 +158,20 @@ ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 ngx_int_t
 ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
 {
+    size_t                    n;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     ctx->state = ngx_smtp_ext_cmd;
 
-    if (len == 1 && line[0] == '*') {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_aborted);
+    if (ctx->auth_pool == NULL) {
+        /* the exchange was reset under us */
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_aborted);
+    }
+
+    if (ngx_smtp_sasl_response(line, len, &n) == NGX_SMTP_AUTH_CANCEL) {
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_aborted);
     }
 
     switch (ctx->auth_state) {
@@ -168,63 +180,151 @@ ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line, size_t len)
         return ngx_mail_smtp_ext_auth_plain(s, line, len);
 
     case NGX_SMTP_EXT_AUTH_USER:
-        if (ngx_mail_smtp_ext_auth_decode(s, line, len, &s->login) != NGX_OK
-            || s->login.len == 0)
-        {
-            ngx_mail_smtp_ext_auth_forget(s);
-            return ngx_mail_smtp_ext_reply(s,
-                                          &ngx_smtp_ext_auth_decode);
-        }
-
-        ctx->auth_state = NGX_SMTP_EXT_AUTH_PASS;
-        ctx->state = ngx_smtp_ext_auth_line;
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_pass_ask);
+        return ngx_mail_smtp_ext_auth_login(s, NGX_SMTP_AUTH_LOGIN_USER,
+                                            line, len);
 
     case NGX_SMTP_EXT_AUTH_PASS:
-        if (ngx_mail_smtp_ext_auth_decode(s, line, len, &s->passwd)
-            != NGX_OK)
-        {
-            ngx_mail_smtp_ext_auth_forget(s);
-            return ngx_mail_smtp_ext_reply(s,
-                                          &ngx_smtp_ext_auth_decode);
-        }
-
-        return ngx_mail_smtp_ext_auth_lookup(s);
+        return ngx_mail_smtp_ext_auth_login(s, NGX_SMTP_AUTH_LOGIN_PASS,
+                                            line, len);
 
     case NGX_SMTP_EXT_AUTH_CRAM:
         return ngx_mail_smtp_ext_auth_cram(s, line, len);
 
     default:
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_aborted);
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_aborted);
+    }
+}
+
+
+void
+ngx_mail_smtp_ext_auth_reset(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_auth_end(s);
+
+    if (ctx->state == ngx_smtp_ext_auth_line) {
+        ctx->state = ngx_smtp_ext_cmd;
+    }
+
+    if (s->login.len) {
+        /* the backend knows the client with its LOGIN= */
+        ngx_mail_smtp_ext_relay_close(s, 1);
+    }
+
+    ngx_str_null(&s->login);
+    ngx_str_null(&s->passwd);
+    ngx_str_null(&ctx->user_route);
+}
+
+
+/*
+ * Every exchange has a pool of its own: decoded responses, keys, the
+ * Redis query and the password check live and die with it.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_auth_start(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    /* what an abandoned exchange (an overlong line) left */
+    ngx_mail_smtp_ext_auth_end(s);
+
+    if (ngx_mail_smtp_ext_lookup_cleanup_add(s) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    ctx->auth_pool = ngx_create_pool(1024, s->connection->log);
+    if (ctx->auth_pool == NULL) {
+        return NGX_ERROR;
+    }
+
+    return NGX_OK;
+}
+
+
+/* ends an exchange: any pending query or check is cancelled with it */
+
+static void
+ngx_mail_smtp_ext_auth_end(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->auth_passwd.len) {
+        ngx_explicit_memzero(ctx->auth_passwd.data, ctx->auth_passwd.len);
+    }
+
+    ngx_str_null(&ctx->auth_user);
+    ngx_str_null(&ctx->auth_passwd);
+    ngx_str_null(&ctx->auth_route);
+
+    ctx->auth_state = NGX_SMTP_EXT_AUTH_NONE;
+    ctx->auth_cram = 0;
+
+    if (ctx->auth_pool) {
+        ngx_destroy_pool(ctx->auth_pool);
+        ctx->auth_pool = NULL;
     }
 }
 
 
 static ngx_int_t
+ngx_mail_smtp_ext_auth_fail(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_auth_end(s);
+    ctx->state = ngx_smtp_ext_cmd;
+
+    return ngx_mail_smtp_ext_reply(s, reply);
+}
+
+
+/* NGX_OK, or NGX_ERROR for anything that is not base64 */
+
+static ngx_int_t
 ngx_mail_smtp_ext_auth_decode(ngx_mail_session_t *s, u_char *data,
     size_t len, ngx_str_t *out)
 {
-    ngx_str_t  in;
+    size_t                    n;
+    ngx_str_t                 in;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    switch (ngx_smtp_sasl_response(data, len, &n)) {
+
+    case NGX_SMTP_AUTH_EMPTY:
+        /* RFC 4954 4: "=" is an empty initial response */
+        out->len = 0;
+        out->data = (u_char *) "";
+        return NGX_OK;
+
+    case NGX_SMTP_AUTH_DATA:
+        break;
+
+    default:
+        return NGX_ERROR;
+    }
+
+    out->data = ngx_pnalloc(ctx->auth_pool, n);
+    if (out->data == NULL) {
+        return NGX_ERROR;
+    }
 
     in.data = data;
     in.len = len;
 
-    if (len == 1 && data[0] == '=') {
-        /* RFC 4954 4: an empty initial response */
-        out->len = 0;
-        out->data = (u_char *) "";
-        return NGX_OK;
-    }
-
-    out->data = ngx_pnalloc(s->connection->pool,
-                            ngx_base64_decoded_length(len));
-    if (out->data == NULL) {
-        out->len = 0;
-        return NGX_ERROR;
-    }
-
-    if (ngx_decode_base64(out, &in) != NGX_OK) {
-        out->len = 0;
+    if (ngx_decode_base64(out, &in) != NGX_OK || out->len != n) {
         return NGX_ERROR;
     }
 
@@ -238,48 +338,57 @@ static ngx_int_t
 ngx_mail_smtp_ext_auth_plain(ngx_mail_session_t *s, u_char *data,
     size_t len)
 {
-    u_char     *p, *last;
-    ngx_str_t   plain;
+    ngx_str_t                 plain;
+    ngx_smtp_str_t            authzid, user, passwd;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
 
-    if (ngx_mail_smtp_ext_auth_decode(s, data, len, &plain) != NGX_OK) {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ngx_mail_smtp_ext_auth_decode(s, data, len, &plain) != NGX_OK
+        || ngx_smtp_sasl_plain(plain.data, plain.len, &authzid, &user,
+                               &passwd)
+           != NGX_SMTP_OK)
+    {
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_decode);
     }
 
-    p = plain.data;
-    last = p + plain.len;
-
-    while (p < last && *p) {
-        p++;
-    }
-
-    if (p == last) {
-        goto invalid;
-    }
-
-    s->login.data = ++p;
-
-    while (p < last && *p) {
-        p++;
-    }
-
-    if (p == last || p == s->login.data) {
-        goto invalid;
-    }
-
-    s->login.len = p - s->login.data;
-
-    s->passwd.data = ++p;
-    s->passwd.len = last - p;
+    ctx->auth_user = *(ngx_str_t *) &user;
+    ctx->auth_passwd = *(ngx_str_t *) &passwd;
 
     return ngx_mail_smtp_ext_auth_lookup(s);
+}
 
-invalid:
 
-    ngx_explicit_memzero(plain.data, plain.len);
-    ngx_mail_smtp_ext_auth_forget(s);
+/* LOGIN: the user name, then the password, each in its own line */
 
-    return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
+static ngx_int_t
+ngx_mail_smtp_ext_auth_login(ngx_mail_session_t *s, ngx_int_t step,
+    u_char *data, size_t len)
+{
+    ngx_str_t                 decoded;
+    ngx_smtp_str_t            value;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ngx_mail_smtp_ext_auth_decode(s, data, len, &decoded) != NGX_OK
+        || ngx_smtp_sasl_login(step, decoded.data, decoded.len, &value)
+           != NGX_SMTP_OK)
+    {
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_decode);
+    }
+
+    if (step == NGX_SMTP_AUTH_LOGIN_USER) {
+        /* a candidate only: s->login waits for the verified password */
+        ctx->auth_user = *(ngx_str_t *) &value;
+        ctx->auth_state = NGX_SMTP_EXT_AUTH_PASS;
+        ctx->state = ngx_smtp_ext_auth_line;
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_pass_ask);
+    }
+
+    ctx->auth_passwd = *(ngx_str_t *) &value;
+
+    return ngx_mail_smtp_ext_auth_lookup(s);
 }
 
 
@@ -287,7 +396,7 @@ static ngx_int_t
 ngx_mail_smtp_ext_auth_cram_challenge(ngx_mail_session_t *s)
 {
     u_char                    *p;
-    ngx_str_t                  salt, reply;
+    ngx_str_t                  salt, reply, enc;
     ngx_connection_t          *c;
     ngx_mail_smtp_ext_ctx_t   *ctx;
     ngx_mail_core_srv_conf_t  *cscf;
@@ -296,9 +405,12 @@ ngx_mail_smtp_ext_auth_cram_challenge(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     cscf = ngx_mail_get_module_srv_conf(s, ngx_mail_core_module);
 
+    /* one salt per session, in c->pool */
+
     if (s->salt.data == NULL) {
         if (ngx_mail_salt(s, c, cscf) != NGX_OK) {
-            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+            return ngx_mail_smtp_ext_auth_fail(s,
+                                               &ngx_smtp_ext_auth_tempfail);
         }
     }
 
@@ -309,21 +421,17 @@ ngx_mail_smtp_ext_auth_cram_challenge(ngx_mail_session_t *s)
 
     reply.len = sizeof("334 " CRLF) - 1 + ngx_base64_encoded_length(salt.len);
 
-    p = ngx_pnalloc(c->pool, reply.len);
+    p = ngx_pnalloc(ctx->auth_pool, reply.len);
     if (p == NULL) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_tempfail);
     }
 
     reply.data = p;
     p = ngx_cpymem(p, "334 ", 4);
 
-    {
-        ngx_str_t  enc;
-
-        enc.data = p;
-        ngx_encode_base64(&enc, &salt);
-        p += enc.len;
-    }
+    enc.data = p;
+    ngx_encode_base64(&enc, &salt);
+    p += enc.len;
 
     *p++ = CR; *p++ = LF;
     reply.len = p - reply.data;
@@ -341,34 +449,21 @@ ngx_mail_smtp_ext_auth_cram_challenge(ngx_mail_session_t *s)
 static ngx_int_t
 ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s, u_char *data, size_t len)
 {
-    u_char     *p, *last;
-    ngx_str_t   resp;
+    ngx_str_t                 resp;
+    ngx_smtp_str_t            user, digest;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
 
-    if (ngx_mail_smtp_ext_auth_decode(s, data, len, &resp) != NGX_OK) {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ngx_mail_smtp_ext_auth_decode(s, data, len, &resp) != NGX_OK
+        || ngx_smtp_sasl_cram(resp.data, resp.len, &user, &digest)
+           != NGX_SMTP_OK)
+    {
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_decode);
     }
 
-    p = resp.data;
-    last = p + resp.len;
-
-    while (last > p && *(last - 1) == ' ') {
-        last--;
-    }
-
-    for (p = last - 1; p > resp.data && *p != ' '; p--) {
-        /* void */
-    }
-
-    if (p <= resp.data || last - p - 1 != 32) {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_decode);
-    }
-
-    s->login.data = resp.data;
-    s->login.len = p - resp.data;
-    s->passwd.data = p + 1;
-    s->passwd.len = 32;
+    ctx->auth_user = *(ngx_str_t *) &user;
+    ctx->auth_passwd = *(ngx_str_t *) &digest;
 
     return ngx_mail_smtp_ext_auth_lookup(s);
 }
@@ -381,6 +476,7 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
 {
     ngx_str_t                      user_key, fail_key;
     ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
     ngx_mail_smtp_ext_redis_cmd_t  cmds[2];
     const char                    *argv[7];
@@ -391,24 +487,24 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
                        *f_disabled = "disabled";
 
     c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-    if (s->login.len == 0
-        || ngx_strlchr(s->login.data, s->login.data + s->login.len, '\0'))
-    {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_failed);
+    ctx->state = ngx_smtp_ext_cmd;
+
+    if (!ngx_smtp_sasl_user_valid(ctx->auth_user.data, ctx->auth_user.len)) {
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_failed);
     }
 
-    if (ngx_mail_smtp_ext_redis_key(c->pool, sscf->redis, "user:", &s->login,
-                                    0, &user_key)
+    if (ngx_mail_smtp_ext_redis_key(ctx->auth_pool, sscf->redis, "user:",
+                                    &ctx->auth_user, 0, &user_key)
         != NGX_OK
-        || ngx_mail_smtp_ext_redis_key(c->pool, sscf->redis, "authfail:",
-                                       &c->addr_text, 0, &fail_key)
+        || ngx_mail_smtp_ext_redis_key(ctx->auth_pool, sscf->redis,
+                                       "authfail:", &c->addr_text, 0,
+                                       &fail_key)
            != NGX_OK)
     {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_tempfail);
     }
 
     argv[0] = hmget;
@@ -434,12 +530,13 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
     cmds[1].argv = &argv[5];
     cmds[1].argvlen = &argvlen[5];
 
-    if (ngx_mail_smtp_ext_redis_query(sscf->redis, c->pool, cmds, 2,
+    /* tied to the exchange's pool: ending the exchange cancels it */
+
+    if (ngx_mail_smtp_ext_redis_query(sscf->redis, ctx->auth_pool, cmds, 2,
                                       ngx_mail_smtp_ext_auth_looked_up, s)
         != NGX_OK)
     {
-        ngx_mail_smtp_ext_auth_forget(s);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_auth_tempfail);
+        return ngx_mail_smtp_ext_auth_fail(s, &ngx_smtp_ext_auth_tempfail);
     }
 
     ngx_mail_smtp_ext_wait_lookup(s);
@@ -454,9 +551,10 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
 {
     ngx_mail_session_t *s = data;
 
-    ngx_int_t                      rc;
+    ngx_int_t                      rc, fails;
     ngx_str_t                      stored, salt;
-    redisReply                    *user, *fails, *f;
+    redisReply                    *user, *f;
+    ngx_smtp_str_t                 rest;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
@@ -476,17 +574,18 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     }
 
     user = replies[0];
-    fails = replies[1];
+    f = replies[1];
 
-    if (fails->type == REDIS_REPLY_STRING
-        && (ngx_uint_t) ngx_atoi((u_char *) fails->str, fails->len)
-           >= sscf->auth_fail_limit
-        && ngx_atoi((u_char *) fails->str, fails->len) != NGX_ERROR)
-    {
-        ngx_log_error(NGX_LOG_INFO, c->log, 0,
-                      "smtp_ext: AUTH refused, too many failures");
-        ngx_mail_smtp_ext_auth_result(s, NGX_BUSY);
-        return;
+    if (f->type == REDIS_REPLY_STRING) {
+        fails = ngx_atoi((u_char *) f->str, f->len);
+
+        if (fails != NGX_ERROR && (ngx_uint_t) fails >= sscf->auth_fail_limit)
+        {
+            ngx_log_error(NGX_LOG_INFO, c->log, 0,
+                          "smtp_ext: AUTH refused, too many failures");
+            ngx_mail_smtp_ext_auth_result(s, NGX_BUSY);
+            return;
+        }
     }
 
     f = user->element[2];
@@ -506,7 +605,7 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     /* the reply is freed after this callback: keep what is needed */
 
     stored.len = f->len;
-    stored.data = ngx_pnalloc(c->pool, f->len);
+    stored.data = ngx_pnalloc(ctx->auth_pool, f->len);
     if (stored.data == NULL) {
         ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
         return;
@@ -514,62 +613,78 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
 
     ngx_memcpy(stored.data, f->str, f->len);
 
+    /* the route becomes the user's only with a verified password */
+
     f = user->element[1];
 
-    ctx->user_route.len = 0;
-
     if (f->type == REDIS_REPLY_STRING && f->len) {
-        ctx->user_route.data = ngx_pnalloc(c->pool, f->len);
-        if (ctx->user_route.data == NULL) {
+        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool, f->len);
+        if (ctx->auth_route.data == NULL) {
             ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
             return;
         }
 
-        ngx_memcpy(ctx->user_route.data, f->str, f->len);
-        ctx->user_route.len = f->len;
+        ngx_memcpy(ctx->auth_route.data, f->str, f->len);
+        ctx->auth_route.len = f->len;
     }
 
-    if (ctx->auth_cram) {
-        salt.data = s->salt.data;
-        salt.len = s->salt.len - 2;
+    switch (ngx_smtp_passwd_scheme(stored.data, stored.len, &rest)) {
 
-        rc = ngx_mail_smtp_ext_passwd_plain(&stored, &stored);
-
-        if (rc == NGX_OK) {
-            rc = ngx_mail_smtp_ext_cram_md5_verify(&stored, &salt,
-                                                   &s->passwd);
-        } else {
-            /* CRAM-MD5 needs the clear password: {PLAIN} only */
+    case NGX_SMTP_PW_CRYPT:
+        if (ctx->auth_cram) {
             rc = NGX_DECLINED;
+            break;
         }
 
-        ngx_explicit_memzero(stored.data, stored.len);
-        ngx_mail_smtp_ext_auth_result(s, rc);
-        return;
-    }
-
-    if (ngx_mail_smtp_ext_passwd_slow(&stored)) {
         rc = ngx_mail_smtp_ext_passwd_verify_async(sscf->thread_pool,
-                                     c->pool, &stored, &s->passwd,
+                                     ctx->auth_pool, &stored,
+                                     &ctx->auth_passwd,
                                      ngx_mail_smtp_ext_auth_verified, s);
-        if (rc == NGX_OK)
-        {
+        if (rc == NGX_OK) {
+            /* the exchange's pool detaches a check still running */
             return;
         }
 
-        ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
-        return;
-    }
+        rc = NGX_ERROR;
+        break;
 
-    rc = ngx_mail_smtp_ext_passwd_verify(&stored, &s->passwd);
+    case NGX_SMTP_PW_PLAIN:
+        if (ctx->auth_cram) {
+            salt.data = s->salt.data;
+            salt.len = s->salt.len - 2;
 
-    ngx_explicit_memzero(stored.data, stored.len);
+            rc = ngx_mail_smtp_ext_cram_md5_verify((ngx_str_t *) &rest,
+                                                   &salt, &ctx->auth_passwd);
+            break;
+        }
 
-    if (rc == NGX_ERROR) {
+        rc = ngx_mail_smtp_ext_passwd_verify(&stored, &ctx->auth_passwd);
+        break;
+
+    case NGX_SMTP_PW_INVALID:
+    case NGX_SMTP_PW_UNKNOWN:
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
                       "smtp_ext: unsupported password scheme for user "
-                      "\"%V\"", &s->login);
+                      "\"%V\"", &ctx->auth_user);
+        rc = NGX_ERROR;
+        break;
+
+    default:
+        /* CRAM-MD5 needs the clear password: {PLAIN} only */
+        rc = ctx->auth_cram
+             ? NGX_DECLINED
+             : ngx_mail_smtp_ext_passwd_verify(&stored, &ctx->auth_passwd);
+
+        if (rc == NGX_ERROR) {
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "smtp_ext: bad password hash for user \"%V\"",
+                          &ctx->auth_user);
+        }
+
+        break;
     }
+
+    ngx_explicit_memzero(stored.data, stored.len);
 
     ngx_mail_smtp_ext_auth_result(s, rc);
 }
@@ -585,38 +700,43 @@ ngx_mail_smtp_ext_auth_verified(void *data, ngx_int_t rc)
 /*
  * NGX_OK: authenticated; NGX_DECLINED: wrong credentials (counted);
  * NGX_BUSY: over the failure limit; otherwise a temporary failure.
+ * Every outcome ends the exchange before the session goes on.
  */
 
 static void
 ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s, ngx_int_t rc)
 {
     u_char                   *p;
+    ngx_str_t                *reply;
     ngx_connection_t         *c;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
     c = s->connection;
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
-    if (s->passwd.len) {
-        ngx_explicit_memzero(s->passwd.data, s->passwd.len);
+    if (ctx->auth_passwd.len) {
+        ngx_explicit_memzero(ctx->auth_passwd.data, ctx->auth_passwd.len);
+        ctx->auth_passwd.len = 0;
     }
-
-    s->passwd.len = 0;
 
     switch (rc) {
 
     case NGX_OK:
-        /* s->login points into a decoded buffer: keep a copy of its own */
+        /* the login and its route outlive the exchange: c->pool */
 
-        p = ngx_pnalloc(c->pool, s->login.len);
+        p = ngx_pnalloc(c->pool, ctx->auth_user.len + ctx->auth_route.len);
         if (p == NULL) {
-            ngx_mail_smtp_ext_auth_forget(s);
-            ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_auth_tempfail);
-            return;
+            reply = &ngx_smtp_ext_auth_tempfail;
+            break;
         }
 
-        ngx_memcpy(p, s->login.data, s->login.len);
         s->login.data = p;
+        s->login.len = ctx->auth_user.len;
+        p = ngx_cpymem(p, ctx->auth_user.data, ctx->auth_user.len);
+
+        ctx->user_route.data = p;
+        ctx->user_route.len = ctx->auth_route.len;
+        ngx_memcpy(p, ctx->auth_route.data, ctx->auth_route.len);
 
         ngx_log_error(NGX_LOG_INFO, c->log, 0,
                       "smtp_ext: authenticated as \"%V\"", &s->login);
@@ -624,41 +744,44 @@ ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s, ngx_int_t rc)
         /* the backend knows the client without LOGIN= so far */
         ngx_mail_smtp_ext_relay_close(s, 1);
 
-        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_auth_ok);
-        return;
+        reply = &ngx_smtp_ext_auth_ok;
+        break;
 
     case NGX_DECLINED:
         ngx_log_error(NGX_LOG_INFO, c->log, 0,
                       "smtp_ext: authentication failed for \"%V\"",
-                      &s->login);
+                      &ctx->auth_user);
 
         ngx_mail_smtp_ext_auth_count_failure(s);
-        ngx_mail_smtp_ext_auth_forget(s);
-        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_auth_failed);
-        return;
+        reply = &ngx_smtp_ext_auth_failed;
+        break;
 
     case NGX_BUSY:
-        ngx_mail_smtp_ext_auth_forget(s);
-        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_auth_limit);
-        return;
+        reply = &ngx_smtp_ext_auth_limit;
+        break;
 
     default:
-        ngx_mail_smtp_ext_auth_forget(s);
-        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_auth_tempfail);
-        return;
+        reply = &ngx_smtp_ext_auth_tempfail;
+        break;
     }
 
-    (void) ctx;
+    ngx_mail_smtp_ext_auth_end(s);
+    ngx_mail_smtp_ext_lookup_done(s, reply);
 }
 
 
-/* the counter gets its TTL when it is created: a fixed window */
+/*
+ * The counter gets its TTL when it is created: a fixed window.  Fire and
+ * forget: the query has a small pool of its own, freed by its handler,
+ * which never looks at the session (it may be gone by then).
+ */
 
 static void
 ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s)
 {
     size_t                          len;
     ngx_str_t                       key;
+    ngx_pool_t                     *pool;
     ngx_connection_t               *c;
     ngx_mail_smtp_ext_srv_conf_t   *sscf;
     ngx_mail_smtp_ext_redis_cmd_t   cmds[2];
@@ -672,15 +795,20 @@ ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s)
     c = s->connection;
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-    if (ngx_mail_smtp_ext_redis_key(c->pool, sscf->redis, "authfail:",
-                                    &c->addr_text, 0, &key)
-        != NGX_OK)
-    {
+    pool = ngx_create_pool(512, ngx_cycle->log);
+    if (pool == NULL) {
         return;
     }
 
-    len = ngx_sprintf(window, "%T", sscf->auth_fail_window)
-          - window;
+    if (ngx_mail_smtp_ext_redis_key(pool, sscf->redis, "authfail:",
+                                    &c->addr_text, 0, &key)
+        != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+        return;
+    }
+
+    len = ngx_sprintf(window, "%T", sscf->auth_fail_window) - window;
 
     argv[0] = set;
     argvlen[0] = 3;
@@ -707,8 +835,12 @@ ngx_mail_smtp_ext_auth_count_failure(ngx_mail_session_t *s)
     cmds[1].argv = &argv[6];
     cmds[1].argvlen = &argvlen[6];
 
-    (void) ngx_mail_smtp_ext_redis_query(sscf->redis, c->pool, cmds, 2,
-                                         ngx_mail_smtp_ext_auth_counted, s);
+    if (ngx_mail_smtp_ext_redis_query(sscf->redis, pool, cmds, 2,
+                                      ngx_mail_smtp_ext_auth_counted, pool)
+        != NGX_OK)
+    {
+        ngx_destroy_pool(pool);
+    }
 }
 
 
@@ -716,40 +848,65 @@ static void
 ngx_mail_smtp_ext_auth_counted(void *data, redisReply **replies,
     ngx_uint_t n)
 {
-    ngx_mail_session_t  *s = data;
+    ngx_pool_t  *pool = data;
 
     if (replies == NULL) {
-        ngx_log_error(NGX_LOG_WARN, s->connection->log, 0,
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
                       "smtp_ext: failed AUTH not counted in Redis");
     }
+
+    /* the query is finished: its cleanup entry is inert */
+    ngx_destroy_pool(pool);
 }
 
 
-static void
-ngx_mail_smtp_ext_auth_forget(ngx_mail_session_t *s)
+/*
+ * One c->pool cleanup per session, added on first use, takes the AUTH
+ * exchange, the RCPT lookup and the held routes with the session.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_lookup_cleanup_add(ngx_mail_session_t *s)
 {
-    if (s->passwd.len) {
-        ngx_explicit_memzero(s->passwd.data, s->passwd.len);
-    }
-
-    s->login.len = 0;
-    s->login.data = NULL;
-    s->passwd.len = 0;
-    s->passwd.data = NULL;
-}
-
-
-/* forgets any authentication and any exchange under way */
-
-void
-ngx_mail_smtp_ext_auth_reset(ngx_mail_session_t *s)
-{
+    ngx_pool_cleanup_t       *cln;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
-    ngx_mail_smtp_ext_auth_forget(s);
+    if (ctx->lookup_cleanup) {
+        return NGX_OK;
+    }
 
-    ctx->auth_state = NGX_SMTP_EXT_AUTH_NONE;
-    ctx->user_route.len = 0;
+    cln = ngx_pool_cleanup_add(s->connection->pool, 0);
+    if (cln == NULL) {
+        return NGX_ERROR;
+    }
+
+    cln->handler = ngx_mail_smtp_ext_lookup_cleanup;
+    cln->data = s;
+
+    ctx->lookup_cleanup = 1;
+
+    return NGX_OK;
 }
+
+
+static void
+ngx_mail_smtp_ext_lookup_cleanup(void *data)
+{
+    ngx_mail_session_t  *s = data;
+
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_auth_end(s);
+
+    if (ctx->route_pool) {
+        ngx_destroy_pool(ctx->route_pool);
+        ctx->route_pool = NULL;
+    }
+
+    ngx_mail_smtp_ext_route_release(s);
+}
+

@@ -35,6 +35,9 @@
 #define NGX_MAIL_SMTP_EXT_REPLY_BUF        4096
 #define NGX_MAIL_SMTP_EXT_HELO_MAX         255
 
+/* run-time IP:port routes a session may hold at once (route.c) */
+#define NGX_MAIL_SMTP_EXT_HOLDS            8
+
 
 /*
  * A peer's run-time state: per worker, or with "zone" in shared memory
@@ -230,6 +233,21 @@ typedef struct {
     unsigned                        data_failed:1;
     unsigned                        quit:1;
     unsigned                        auth_cram:1;
+
+    /*
+     * auth.c and route.c: per-exchange and per-lookup pools, so that a
+     * session does not grow with its AUTH attempts and RCPT lookups.
+     * s->login is set only once a password was verified; the candidate
+     * user name of an exchange lives in auth_user, never in s->login.
+     */
+    ngx_pool_t                     *auth_pool;    /* AUTH exchange, or NULL */
+    ngx_str_t                       auth_user;    /* candidate, in auth_pool */
+    ngx_str_t                       auth_passwd;  /* in auth_pool */
+    ngx_str_t                       auth_route;   /* candidate user_route */
+    ngx_pool_t                     *route_pool;   /* RCPT lookup, or NULL */
+    void                           *route_holds[NGX_MAIL_SMTP_EXT_HOLDS];
+    ngx_uint_t                      route_nholds; /* run-time routes held */
+    unsigned                        lookup_cleanup:1; /* c->pool hook set */
 } ngx_mail_smtp_ext_ctx_t;
 
 
@@ -257,13 +275,21 @@ void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
 ngx_int_t ngx_mail_smtp_ext_auth_line(ngx_mail_session_t *s, u_char *line,
     size_t len);
+/*
+ * Forgets any authentication and any pending AUTH exchange (STARTTLS, an
+ * abandoned AUTH line).  A verified login also closes the relay, whose
+ * XCLIENT carried it: call it only while no backend step is pending.
+ */
 void ngx_mail_smtp_ext_auth_reset(ngx_mail_session_t *s);
+/* destroys the lookup pools and route holds when c->pool goes */
+ngx_int_t ngx_mail_smtp_ext_lookup_cleanup_add(ngx_mail_session_t *s);
 
 /* ngx_mail_smtp_ext_resolve.c */
 ngx_int_t ngx_mail_smtp_ext_resolve(ngx_mail_session_t *s);
 
 /* ngx_mail_smtp_ext_route.c */
 ngx_int_t ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt);
+void ngx_mail_smtp_ext_route_release(ngx_mail_session_t *s);
 
 /* ngx_mail_smtp_ext_upstream.c */
 char *ngx_mail_smtp_ext_upstream_block(ngx_conf_t *cf, ngx_command_t *cmd,

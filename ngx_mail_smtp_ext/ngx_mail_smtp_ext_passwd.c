@@ -13,6 +13,7 @@
 #include <openssl/evp.h>
 #include <openssl/hmac.h>
 
+#include "ngx_smtp_core.h"
 #include "ngx_mail_smtp_ext_passwd.h"
 
 
@@ -20,7 +21,7 @@
 
 
 typedef struct {
-    const char                           *name;
+    ngx_smtp_pw_scheme_e                  scheme;
     const EVP_MD                       *(*md)(void);
     ngx_uint_t                            salted;
 } ngx_mail_smtp_ext_passwd_digest_t;
@@ -42,9 +43,6 @@ typedef struct {
 } ngx_mail_smtp_ext_passwd_ctx_t;
 
 
-static ngx_int_t ngx_mail_smtp_ext_passwd_split(ngx_str_t *stored,
-    ngx_str_t *scheme, ngx_str_t *rest);
-static ngx_uint_t ngx_mail_smtp_ext_passwd_is_crypt(ngx_str_t *scheme);
 static ngx_int_t ngx_mail_smtp_ext_passwd_digest(
     ngx_mail_smtp_ext_passwd_digest_t *d, ngx_str_t *encoded,
     ngx_str_t *passwd);
@@ -61,13 +59,13 @@ static void ngx_mail_smtp_ext_passwd_free(
 
 
 static ngx_mail_smtp_ext_passwd_digest_t  ngx_mail_smtp_ext_passwd_digests[] = {
-    { "SHA", EVP_sha1, 0 },
-    { "SSHA", EVP_sha1, 1 },
-    { "SHA256", EVP_sha256, 0 },
-    { "SSHA256", EVP_sha256, 1 },
-    { "SHA512", EVP_sha512, 0 },
-    { "SSHA512", EVP_sha512, 1 },
-    { NULL, NULL, 0 }
+    { NGX_SMTP_PW_SHA, EVP_sha1, 0 },
+    { NGX_SMTP_PW_SSHA, EVP_sha1, 1 },
+    { NGX_SMTP_PW_SHA256, EVP_sha256, 0 },
+    { NGX_SMTP_PW_SSHA256, EVP_sha256, 1 },
+    { NGX_SMTP_PW_SHA512, EVP_sha512, 0 },
+    { NGX_SMTP_PW_SSHA512, EVP_sha512, 1 },
+    { NGX_SMTP_PW_INVALID, NULL, 0 }
 };
 
 
@@ -79,22 +77,20 @@ static ngx_str_t  ngx_mail_smtp_ext_passwd_pool_name = ngx_string("default");
 ngx_int_t
 ngx_mail_smtp_ext_passwd_verify(ngx_str_t *stored, ngx_str_t *passwd)
 {
-    ngx_str_t                           scheme, rest;
+    ngx_str_t                           rest;
+    ngx_smtp_pw_scheme_e                scheme;
     ngx_mail_smtp_ext_passwd_digest_t  *d;
 
-    if (ngx_mail_smtp_ext_passwd_split(stored, &scheme, &rest) != NGX_OK) {
-        return NGX_ERROR;
-    }
+    scheme = ngx_smtp_passwd_scheme(stored->data, stored->len,
+                                    (ngx_smtp_str_t *) &rest);
 
-    if (ngx_mail_smtp_ext_passwd_is_crypt(&scheme)) {
+    switch (scheme) {
+
+    case NGX_SMTP_PW_CRYPT:
         return ngx_mail_smtp_ext_passwd_crypt(&rest, passwd);
-    }
 
-    if ((scheme.len == 5
-         && ngx_strncasecmp(scheme.data, (u_char *) "PLAIN", 5) == 0)
-        || (scheme.len == 9
-            && ngx_strncasecmp(scheme.data, (u_char *) "CLEARTEXT", 9) == 0))
-    {
+    case NGX_SMTP_PW_PLAIN:
+
         /* the length is not secret, the contents are */
 
         if (rest.len != passwd->len || rest.len == 0) {
@@ -103,13 +99,13 @@ ngx_mail_smtp_ext_passwd_verify(ngx_str_t *stored, ngx_str_t *passwd)
 
         return CRYPTO_memcmp(rest.data, passwd->data, rest.len) == 0
                ? NGX_OK : NGX_DECLINED;
+
+    default:
+        break;
     }
 
-    for (d = ngx_mail_smtp_ext_passwd_digests; d->name; d++) {
-        if (scheme.len == ngx_strlen(d->name)
-            && ngx_strncasecmp(scheme.data, (u_char *) d->name, scheme.len)
-               == 0)
-        {
+    for (d = ngx_mail_smtp_ext_passwd_digests; d->md; d++) {
+        if (d->scheme == scheme) {
             return ngx_mail_smtp_ext_passwd_digest(d, &rest, passwd);
         }
     }
@@ -121,89 +117,24 @@ ngx_mail_smtp_ext_passwd_verify(ngx_str_t *stored, ngx_str_t *passwd)
 ngx_uint_t
 ngx_mail_smtp_ext_passwd_slow(ngx_str_t *stored)
 {
-    ngx_str_t  scheme, rest;
+    ngx_smtp_str_t  rest;
 
-    if (ngx_mail_smtp_ext_passwd_split(stored, &scheme, &rest) != NGX_OK) {
-        return 0;
-    }
-
-    return ngx_mail_smtp_ext_passwd_is_crypt(&scheme);
+    return ngx_smtp_passwd_scheme(stored->data, stored->len, &rest)
+           == NGX_SMTP_PW_CRYPT;
 }
 
 
 ngx_int_t
 ngx_mail_smtp_ext_passwd_plain(ngx_str_t *stored, ngx_str_t *plain)
 {
-    ngx_str_t  scheme, rest;
-
-    if (ngx_mail_smtp_ext_passwd_split(stored, &scheme, &rest) != NGX_OK) {
-        return NGX_DECLINED;
-    }
-
-    if ((scheme.len == 5
-         && ngx_strncasecmp(scheme.data, (u_char *) "PLAIN", 5) == 0)
-        || (scheme.len == 9
-            && ngx_strncasecmp(scheme.data, (u_char *) "CLEARTEXT", 9) == 0))
+    if (ngx_smtp_passwd_scheme(stored->data, stored->len,
+                               (ngx_smtp_str_t *) plain)
+        == NGX_SMTP_PW_PLAIN)
     {
-        *plain = rest;
         return NGX_OK;
     }
 
     return NGX_DECLINED;
-}
-
-
-/* "{SCHEME}rest"; a bare "$id$..." is a crypt(3) hash (empty scheme) */
-
-static ngx_int_t
-ngx_mail_smtp_ext_passwd_split(ngx_str_t *stored, ngx_str_t *scheme,
-    ngx_str_t *rest)
-{
-    u_char  *p, *last;
-
-    if (stored->len == 0) {
-        return NGX_ERROR;
-    }
-
-    if (stored->data[0] == '$') {
-        ngx_str_null(scheme);
-        *rest = *stored;
-        return NGX_OK;
-    }
-
-    if (stored->data[0] != '{') {
-        return NGX_ERROR;
-    }
-
-    last = stored->data + stored->len;
-
-    p = ngx_strlchr(stored->data + 1, last, '}');
-    if (p == NULL) {
-        return NGX_ERROR;
-    }
-
-    scheme->data = stored->data + 1;
-    scheme->len = p - scheme->data;
-
-    rest->data = p + 1;
-    rest->len = last - rest->data;
-
-    return NGX_OK;
-}
-
-
-/* "" (bare "$..."), "{CRYPT}", and Dovecot's "{SHA512-CRYPT}" and alike */
-
-static ngx_uint_t
-ngx_mail_smtp_ext_passwd_is_crypt(ngx_str_t *scheme)
-{
-    if (scheme->len == 0) {
-        return 1;
-    }
-
-    return scheme->len >= 5
-           && ngx_strncasecmp(scheme->data + scheme->len - 5,
-                              (u_char *) "CRYPT", 5) == 0;
 }
 
 

@@ -22,7 +22,23 @@
 
 
 /* pools made at run time for IP:port targets, per worker */
-#define NGX_MAIL_SMTP_EXT_MAX_TARGETS  1024
+#define NGX_MAIL_SMTP_EXT_MAX_TARGETS  256
+
+
+/*
+ * A one-server pool for an "IP:port" from Redis.  Sessions that route to
+ * it hold it (refs); only an entry no session holds is ever freed, when
+ * the cache is full and the entry is the least recently used.
+ */
+
+typedef struct {
+    ngx_queue_t                     queue;      /* most recent first */
+    ngx_uint_t                      refs;
+    ngx_mail_smtp_ext_pool_t        pool;
+    ngx_mail_smtp_ext_peer_t        peer;
+    ngx_sockaddr_t                  sockaddr;
+    u_char                          name[NGX_SMTP_ROUTE_MAX];
+} ngx_mail_smtp_ext_target_t;
 
 
 static ngx_str_t  ngx_smtp_ext_relay_denied = ngx_string(
@@ -35,15 +51,19 @@ static ngx_str_t  ngx_smtp_ext_bad_route = ngx_string(
     "451 4.3.0 Invalid route for recipient, try again later" CRLF);
 
 
+static ngx_int_t ngx_mail_smtp_ext_route_fail(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_route_looked_up(void *data,
     redisReply **replies, ngx_uint_t n);
 static ngx_int_t ngx_mail_smtp_ext_route_target(ngx_mail_session_t *s,
     u_char *target, size_t len);
-static ngx_mail_smtp_ext_pool_t *ngx_mail_smtp_ext_runtime_pool(
-    ngx_mail_session_t *s, ngx_str_t *target);
+static ngx_mail_smtp_ext_target_t *ngx_mail_smtp_ext_runtime_pool(
+    ngx_mail_session_t *s, ngx_str_t *target, ngx_smtp_route_t *rt);
+static ngx_int_t ngx_mail_smtp_ext_route_hold(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_target_t *t);
 
 
-static ngx_array_t  *ngx_mail_smtp_ext_targets;
+static ngx_queue_t  ngx_mail_smtp_ext_targets;
+static ngx_uint_t   ngx_mail_smtp_ext_ntargets;
 
 
 ngx_int_t
@@ -76,12 +96,27 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
                                               ctx->user_route.len);
     }
 
-    if (ngx_mail_smtp_ext_redis_key(ctx->tpool, sscf->redis, "rcpt:", rcpt,
-                                    1, &rcpt_key)
+    /* keys and the query live in a pool of the lookup's own */
+
+    if (ctx->route_pool) {
+        ngx_destroy_pool(ctx->route_pool);
+        ctx->route_pool = NULL;
+    }
+
+    if (ngx_mail_smtp_ext_lookup_cleanup_add(s) != NGX_OK) {
+        return ngx_mail_smtp_ext_route_fail(s);
+    }
+
+    ctx->route_pool = ngx_create_pool(1024, c->log);
+    if (ctx->route_pool == NULL) {
+        return ngx_mail_smtp_ext_route_fail(s);
+    }
+
+    if (ngx_mail_smtp_ext_redis_key(ctx->route_pool, sscf->redis, "rcpt:",
+                                    rcpt, 1, &rcpt_key)
         != NGX_OK)
     {
-        ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_lookup_failed);
-        return NGX_DECLINED;
+        return ngx_mail_smtp_ext_route_fail(s);
     }
 
     argv[0] = get;
@@ -109,12 +144,11 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
         domain.data = at + 1;
         domain.len = rcpt->data + rcpt->len - domain.data;
 
-        if (ngx_mail_smtp_ext_redis_key(ctx->tpool, sscf->redis, "domain:",
-                                        &domain, 1, &domain_key)
+        if (ngx_mail_smtp_ext_redis_key(ctx->route_pool, sscf->redis,
+                                        "domain:", &domain, 1, &domain_key)
             != NGX_OK)
         {
-            ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_lookup_failed);
-            return NGX_DECLINED;
+            return ngx_mail_smtp_ext_route_fail(s);
         }
 
         argv[2] = get;
@@ -129,17 +163,34 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
         n = 2;
     }
 
-    if (ngx_mail_smtp_ext_redis_query(sscf->redis, c->pool, cmds, n,
+    if (ngx_mail_smtp_ext_redis_query(sscf->redis, ctx->route_pool, cmds, n,
                                       ngx_mail_smtp_ext_route_looked_up, s)
         != NGX_OK)
     {
-        ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_lookup_failed);
-        return NGX_DECLINED;
+        return ngx_mail_smtp_ext_route_fail(s);
     }
 
     ngx_mail_smtp_ext_wait_lookup(s);
 
     return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_route_fail(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->route_pool) {
+        ngx_destroy_pool(ctx->route_pool);
+        ctx->route_pool = NULL;
+    }
+
+    ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_lookup_failed);
+
+    return NGX_DECLINED;
 }
 
 
@@ -152,11 +203,19 @@ ngx_mail_smtp_ext_route_looked_up(void *data, redisReply **replies,
     ngx_int_t                      rc;
     redisReply                    *r;
     ngx_uint_t                     i;
+    ngx_smtp_route_t               rt;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    /* the query is finished and the replies are not in the pool */
+
+    if (ctx->route_pool) {
+        ngx_destroy_pool(ctx->route_pool);
+        ctx->route_pool = NULL;
+    }
 
     if (replies == NULL) {
         ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
@@ -180,9 +239,9 @@ ngx_mail_smtp_ext_route_looked_up(void *data, redisReply **replies,
             return;
         }
 
-        if (i == 0 && r->len == 6
-            && ngx_strncasecmp((u_char *) r->str, (u_char *) "reject", 6)
-               == 0)
+        if (i == 0
+            && ngx_smtp_route_target((u_char *) r->str, r->len, &rt)
+               == NGX_SMTP_ROUTE_REJECT)
         {
             ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_rejected);
             return;
@@ -221,10 +280,13 @@ static ngx_int_t
 ngx_mail_smtp_ext_route_target(ngx_mail_session_t *s, u_char *target,
     size_t len)
 {
+    ngx_int_t                       type;
     ngx_str_t                       name;
     ngx_uint_t                      i;
+    ngx_smtp_route_t                rt;
     ngx_mail_smtp_ext_ctx_t        *ctx;
-    ngx_mail_smtp_ext_pool_t      **pools, *pool;
+    ngx_mail_smtp_ext_pool_t      **pools;
+    ngx_mail_smtp_ext_target_t     *t;
     ngx_mail_smtp_ext_main_conf_t  *smcf;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
@@ -232,6 +294,14 @@ ngx_mail_smtp_ext_route_target(ngx_mail_session_t *s, u_char *target,
 
     name.data = target;
     name.len = len;
+
+    type = ngx_smtp_route_target(target, len, &rt);
+
+    if (type == NGX_SMTP_ROUTE_INVALID) {
+        goto invalid;
+    }
+
+    /* configured pools first, "host:port" ones of smtp_ext_pass too */
 
     pools = smcf->pools.elts;
 
@@ -244,112 +314,260 @@ ngx_mail_smtp_ext_route_target(ngx_mail_session_t *s, u_char *target,
         }
     }
 
-    pool = ngx_mail_smtp_ext_runtime_pool(s, &name);
+    if (type != NGX_SMTP_ROUTE_ADDR) {
+        goto invalid;
+    }
 
-    if (pool == NULL) {
-        ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
-                      "smtp_ext: invalid route \"%V\": not a pool name nor "
-                      "an IP:port", &name);
+    t = ngx_mail_smtp_ext_runtime_pool(s, &name, &rt);
+
+    if (t == NULL) {
         ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_bad_route);
         return NGX_DECLINED;
     }
 
-    ctx->pending_route = pool;
+    if (ngx_mail_smtp_ext_route_hold(s, t) != NGX_OK) {
+        ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_lookup_failed);
+        return NGX_DECLINED;
+    }
+
+    ctx->pending_route = &t->pool;
+
+    return NGX_OK;
+
+invalid:
+
+    ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                  "smtp_ext: invalid route \"%V\": not a pool name nor "
+                  "an IP:port", &name);
+
+    ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_bad_route);
+
+    return NGX_DECLINED;
+}
+
+
+/*
+ * "IP:port" from Redis: a one-server pool cached in the worker, so that
+ * balancing state and backend reuse work as for configured pools, at most
+ * NGX_MAIL_SMTP_EXT_MAX_TARGETS of them.
+ */
+
+static ngx_mail_smtp_ext_target_t *
+ngx_mail_smtp_ext_runtime_pool(ngx_mail_session_t *s, ngx_str_t *target,
+    ngx_smtp_route_t *rt)
+{
+    in_addr_t                    inaddr;
+    ngx_queue_t                 *q;
+    struct sockaddr_in          *sin;
+    ngx_mail_smtp_ext_peer_t    *peer;
+    ngx_mail_smtp_ext_target_t  *t, *victim;
+#if (NGX_HAVE_INET6)
+    struct sockaddr_in6         *sin6;
+#endif
+
+    if (ngx_mail_smtp_ext_targets.next == NULL) {
+        ngx_queue_init(&ngx_mail_smtp_ext_targets);
+    }
+
+    for (q = ngx_queue_head(&ngx_mail_smtp_ext_targets);
+         q != ngx_queue_sentinel(&ngx_mail_smtp_ext_targets);
+         q = ngx_queue_next(q))
+    {
+        t = ngx_queue_data(q, ngx_mail_smtp_ext_target_t, queue);
+
+        if (t->pool.name.len == target->len
+            && ngx_strncmp(t->pool.name.data, target->data, target->len)
+               == 0)
+        {
+            ngx_queue_remove(q);
+            ngx_queue_insert_head(&ngx_mail_smtp_ext_targets, q);
+            return t;
+        }
+    }
+
+    if (target->len > NGX_SMTP_ROUTE_MAX) {
+        return NULL;
+    }
+
+    victim = NULL;
+
+    if (ngx_mail_smtp_ext_ntargets >= NGX_MAIL_SMTP_EXT_MAX_TARGETS) {
+
+        /* the least recently used one that no session holds */
+
+        for (q = ngx_queue_last(&ngx_mail_smtp_ext_targets);
+             q != ngx_queue_sentinel(&ngx_mail_smtp_ext_targets);
+             q = ngx_queue_prev(q))
+        {
+            t = ngx_queue_data(q, ngx_mail_smtp_ext_target_t, queue);
+
+            if (t->refs == 0) {
+                victim = t;
+                break;
+            }
+        }
+
+        if (victim == NULL) {
+            ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                          "smtp_ext: all %d IP:port routes are in use",
+                          NGX_MAIL_SMTP_EXT_MAX_TARGETS);
+            return NULL;
+        }
+    }
+
+    t = ngx_calloc(sizeof(ngx_mail_smtp_ext_target_t), s->connection->log);
+    if (t == NULL) {
+        return NULL;
+    }
+
+    if (rt->ipv6) {
+#if (NGX_HAVE_INET6)
+        sin6 = &t->sockaddr.sockaddr_in6;
+
+        if (ngx_inet6_addr(rt->host.data, rt->host.len,
+                           sin6->sin6_addr.s6_addr)
+            != NGX_OK)
+        {
+            ngx_free(t);
+            return NULL;
+        }
+
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((in_port_t) rt->port);
+        peer = &t->peer;
+        peer->socklen = sizeof(struct sockaddr_in6);
+#else
+        ngx_free(t);
+        return NULL;
+#endif
+
+    } else {
+        inaddr = ngx_inet_addr(rt->host.data, rt->host.len);
+
+        if (inaddr == INADDR_NONE) {
+            ngx_free(t);
+            return NULL;
+        }
+
+        sin = &t->sockaddr.sockaddr_in;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((in_port_t) rt->port);
+        sin->sin_addr.s_addr = inaddr;
+        peer = &t->peer;
+        peer->socklen = sizeof(struct sockaddr_in);
+    }
+
+    if (victim) {
+        ngx_queue_remove(&victim->queue);
+        ngx_free(victim);
+        ngx_mail_smtp_ext_ntargets--;
+    }
+
+    ngx_memcpy(t->name, target->data, target->len);
+
+    t->pool.name.data = t->name;
+    t->pool.name.len = target->len;
+    t->pool.implicit = 1;
+
+    /* a fixed one-element array: nothing is ever pushed to it */
+
+    t->pool.peers.elts = peer;
+    t->pool.peers.nelts = 1;
+    t->pool.peers.size = sizeof(ngx_mail_smtp_ext_peer_t);
+    t->pool.peers.nalloc = 1;
+    t->pool.peers.pool = NULL;
+
+    peer->sockaddr = &t->sockaddr.sockaddr;
+    peer->name = t->pool.name;
+    peer->server = t->pool.name;
+    peer->weight = 1;
+    peer->max_fails = 1;
+    peer->fail_timeout = 10;
+    ngx_mail_smtp_ext_pool_init_peer(peer);
+    ngx_queue_init(&t->pool.cache);
+
+    ngx_queue_insert_head(&ngx_mail_smtp_ext_targets, &t->queue);
+    ngx_mail_smtp_ext_ntargets++;
+
+    return t;
+}
+
+
+/*
+ * A session holds the run-time routes it uses, at most
+ * NGX_MAIL_SMTP_EXT_HOLDS at once.  When they are all taken, it lets go
+ * of those it no longer needs: all but the transaction's route, and the
+ * backend connection unless it is on that route.  A new target is never
+ * the one the backend connection is on (the connection is on a held or a
+ * configured pool), so the session would close it anyway.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_route_hold(ngx_mail_session_t *s,
+    ngx_mail_smtp_ext_target_t *t)
+{
+    ngx_uint_t                   i, n;
+    ngx_mail_smtp_ext_ctx_t     *ctx;
+    ngx_mail_smtp_ext_target_t  *h;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    for (i = 0; i < ctx->route_nholds; i++) {
+        if (ctx->route_holds[i] == t) {
+            return NGX_OK;
+        }
+    }
+
+    if (ngx_mail_smtp_ext_lookup_cleanup_add(s) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (ctx->route_nholds == NGX_MAIL_SMTP_EXT_HOLDS) {
+
+        if (ctx->route == NULL
+            || !ngx_mail_smtp_ext_relay_usable(s, ctx->route))
+        {
+            ngx_mail_smtp_ext_relay_close(s, 1);
+        }
+
+        n = 0;
+
+        for (i = 0; i < ctx->route_nholds; i++) {
+            h = ctx->route_holds[i];
+
+            if (ctx->route == &h->pool) {
+                ctx->route_holds[n++] = h;
+                continue;
+            }
+
+            h->refs--;
+        }
+
+        ctx->route_nholds = n;
+    }
+
+    ctx->route_holds[ctx->route_nholds++] = t;
+    t->refs++;
 
     return NGX_OK;
 }
 
 
-/*
- * "IP:port" from Redis: a one-server pool kept for the worker's life so
- * that balancing state and backend reuse work as for configured pools.
- */
+/* the session is over: its routes may go */
 
-static ngx_mail_smtp_ext_pool_t *
-ngx_mail_smtp_ext_runtime_pool(ngx_mail_session_t *s, ngx_str_t *target)
+void
+ngx_mail_smtp_ext_route_release(ngx_mail_session_t *s)
 {
-    ngx_int_t                   rc;
-    ngx_uint_t                  i;
-    ngx_addr_t                  addr;
-    ngx_pool_t                 *p;
-    ngx_mail_smtp_ext_peer_t   *peer;
-    ngx_mail_smtp_ext_pool_t  **pools, *pool;
+    ngx_uint_t                   i;
+    ngx_mail_smtp_ext_ctx_t     *ctx;
+    ngx_mail_smtp_ext_target_t  *h;
 
-    if (ngx_mail_smtp_ext_targets == NULL) {
-        ngx_mail_smtp_ext_targets = ngx_array_create(ngx_cycle->pool, 16,
-                                          sizeof(ngx_mail_smtp_ext_pool_t *));
-        if (ngx_mail_smtp_ext_targets == NULL) {
-            return NULL;
-        }
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    for (i = 0; i < ctx->route_nholds; i++) {
+        h = ctx->route_holds[i];
+        h->refs--;
     }
 
-    pools = ngx_mail_smtp_ext_targets->elts;
-
-    for (i = 0; i < ngx_mail_smtp_ext_targets->nelts; i++) {
-        if (pools[i]->name.len == target->len
-            && ngx_strncmp(pools[i]->name.data, target->data, target->len)
-               == 0)
-        {
-            return pools[i];
-        }
-    }
-
-    if (ngx_mail_smtp_ext_targets->nelts >= NGX_MAIL_SMTP_EXT_MAX_TARGETS) {
-        ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
-                      "smtp_ext: more than %d IP:port routes",
-                      NGX_MAIL_SMTP_EXT_MAX_TARGETS);
-        return NULL;
-    }
-
-    p = ngx_cycle->pool;
-
-    rc = ngx_parse_addr_port(p, &addr, target->data, target->len);
-    if (rc != NGX_OK || ngx_inet_get_port(addr.sockaddr) == 0) {
-        return NULL;
-    }
-
-    pool = ngx_pcalloc(p, sizeof(ngx_mail_smtp_ext_pool_t));
-    if (pool == NULL) {
-        return NULL;
-    }
-
-    pool->name.data = ngx_pstrdup(p, target);
-    if (pool->name.data == NULL) {
-        return NULL;
-    }
-
-    pool->name.len = target->len;
-    pool->implicit = 1;
-
-    if (ngx_array_init(&pool->peers, p, 1, sizeof(ngx_mail_smtp_ext_peer_t))
-        != NGX_OK)
-    {
-        return NULL;
-    }
-
-    peer = ngx_array_push(&pool->peers);
-    if (peer == NULL) {
-        return NULL;
-    }
-
-    ngx_memzero(peer, sizeof(ngx_mail_smtp_ext_peer_t));
-
-    peer->sockaddr = addr.sockaddr;
-    peer->socklen = addr.socklen;
-    peer->name = pool->name;
-    peer->server = pool->name;
-    peer->weight = 1;
-    peer->max_fails = 1;
-    peer->fail_timeout = 10;
-    ngx_mail_smtp_ext_pool_init_peer(peer);
-    ngx_queue_init(&pool->cache);
-
-    pools = ngx_array_push(ngx_mail_smtp_ext_targets);
-    if (pools == NULL) {
-        return NULL;
-    }
-
-    *pools = pool;
-
-    return pool;
+    ctx->route_nholds = 0;
 }

@@ -343,4 +343,102 @@ size_t ngx_smtp_data_verbatim(ngx_smtp_data_t *d, u_char *in,
     u_char *in_last, size_t min);
 
 
+/* ==== AUTH payloads, password schemes, route targets (ngx_smtp_auth.c) ====
+ *
+ * Only recognizing and splitting: base64 decoding, hashing and pool or
+ * address lookups stay in the nginx glue.  Results point into the input.
+ */
+
+/* an AUTH response line (RFC 4954 4) before base64 decoding */
+#define NGX_SMTP_AUTH_DATA          0   /* base64; *decoded = its length */
+#define NGX_SMTP_AUTH_EMPTY         1   /* "=" or an empty line */
+#define NGX_SMTP_AUTH_CANCEL        2   /* "*" */
+#define NGX_SMTP_AUTH_BAD           3   /* not base64 (RFC 4648 4) */
+
+/*
+ * Classifies a response line.  Base64 is strict: the alphabet, then "="
+ * padding only at the end and only as much as the last group needs; an
+ * unpadded last group of 2 or 3 characters is tolerated, of 1 is not.
+ */
+int ngx_smtp_sasl_response(u_char *p, size_t len, size_t *decoded);
+
+/* a user name AUTH may look up: no NUL, CR or LF, at most this long */
+#define NGX_SMTP_AUTH_MAX_USER      255
+
+int ngx_smtp_sasl_user_valid(u_char *p, size_t len);
+
+/*
+ * PLAIN (RFC 4616), decoded: [authzid] NUL authcid NUL passwd.
+ * NGX_SMTP_ERROR unless there are exactly two NULs and authcid is a valid
+ * user name; the password may be empty (it then fails verification).
+ */
+int ngx_smtp_sasl_plain(u_char *p, size_t len, ngx_smtp_str_t *authzid,
+    ngx_smtp_str_t *user, ngx_smtp_str_t *passwd);
+
+/*
+ * LOGIN, decoded: step 0 is the user name (must be valid, so not empty),
+ * step 1 the password (may be empty, must not hold a NUL).
+ */
+#define NGX_SMTP_AUTH_LOGIN_USER    0
+#define NGX_SMTP_AUTH_LOGIN_PASS    1
+
+int ngx_smtp_sasl_login(int step, u_char *p, size_t len,
+    ngx_smtp_str_t *out);
+
+/*
+ * CRAM-MD5 (RFC 2195), decoded: user SP digest, the digest 32 hex digits
+ * after the last space; the user name (which may hold spaces) must be
+ * valid.
+ */
+int ngx_smtp_sasl_cram(u_char *p, size_t len, ngx_smtp_str_t *user,
+    ngx_smtp_str_t *digest);
+
+
+/* stored password schemes (SPEC 4), recognized by their prefix */
+
+typedef enum {
+    NGX_SMTP_PW_INVALID = 0,    /* neither "{SCHEME}..." nor "$id$..." */
+    NGX_SMTP_PW_UNKNOWN,        /* "{OTHER}..." */
+    NGX_SMTP_PW_PLAIN,          /* {PLAIN} {CLEARTEXT} */
+    NGX_SMTP_PW_CRYPT,          /* $id$..., {CRYPT}, {xxx-CRYPT} */
+    NGX_SMTP_PW_SHA,
+    NGX_SMTP_PW_SSHA,
+    NGX_SMTP_PW_SHA256,
+    NGX_SMTP_PW_SSHA256,
+    NGX_SMTP_PW_SHA512,
+    NGX_SMTP_PW_SSHA512
+} ngx_smtp_pw_scheme_e;
+
+/*
+ * *rest: what follows "{SCHEME}", or the whole "$id$..." crypt(3) string.
+ * Scheme names are caseless; a crypt scheme needs a non-empty rest.
+ */
+ngx_smtp_pw_scheme_e ngx_smtp_passwd_scheme(u_char *p, size_t len,
+    ngx_smtp_str_t *rest);
+
+
+/* route targets (SPEC 4), as a Redis value gives them */
+
+#define NGX_SMTP_ROUTE_INVALID      0   /* empty, spaces, controls, ... */
+#define NGX_SMTP_ROUTE_REJECT       1   /* "reject", caseless */
+#define NGX_SMTP_ROUTE_NAME         2   /* no ':': a pool name */
+#define NGX_SMTP_ROUTE_ADDR         3   /* IPv4:port or [IPv6]:port */
+#define NGX_SMTP_ROUTE_HOST         4   /* name:port: configured only */
+
+#define NGX_SMTP_ROUTE_MAX          255
+
+typedef struct {
+    ngx_smtp_str_t          host;       /* ADDR, HOST: without brackets */
+    unsigned                port;       /* ADDR, HOST: 1-65535 */
+    unsigned                ipv6:1;
+} ngx_smtp_route_t;
+
+/*
+ * An IPv6 host is only checked for its characters (hex digits, ':' and
+ * '.', at least two colons): the glue parses it and refuses what does
+ * not parse.
+ */
+int ngx_smtp_route_target(u_char *p, size_t len, ngx_smtp_route_t *rt);
+
+
 #endif /* _NGX_SMTP_CORE_H_INCLUDED_ */
