@@ -51,6 +51,37 @@
 #                         CR.CRLF, ... (an smuggling-vulnerable server);
 #                         what follows is taken as commands
 #   --tls CERT,KEY        offer STARTTLS
+#   --greeting-from 'N=TEXT'  connections N and later greet with TEXT
+#                         instead (e.g. "2=421 4.3.2 down": the first
+#                         connection works, the later ones fail)
+#   --rcvbuf BYTES        SO_RCVBUF on the listening socket (inherited by
+#                         every accepted one, so the window is small from
+#                         the SYN on)
+#   --pause-after-354 MS  stop reading for MS milliseconds after a 354
+#   --early-reply 'MS=TEXT'  MS milliseconds after a 354, while the data
+#                         still flows, send TEXT; reading goes on as
+#                         before (after --pause-after-354); a final dot
+#                         that still arrives is recorded as usual and
+#                         noted "dot after early reply"
+#   --starttls-extra TEXT bytes sent after the STARTTLS 220 in the same
+#                         write (a plaintext injection, RFC 3207 4.2)
+#   --reply-lines 'STEP=N,LEN[,CODE]'  at STEP answer an N-line reply,
+#                         each line LEN octets before its CRLF, with CODE
+#                         (default: the code of that step's usual reply);
+#                         the text is what lines_reply() in
+#                         t/lib/SmtpExt/Test.pm builds (repeatable)
+#   --close-at STEP       close the connection instead of answering STEP
+#   --rst-at STEP         reset it (SO_LINGER 0) instead of answering STEP
+#   --byte-by-byte[=MS]   write every reply one octet at a time, MS (1)
+#                         milliseconds apart, TCP_NODELAY
+#   --chaos SEED          each connection misbehaves at one step chosen
+#                         at random from SEED and its number (or behaves,
+#                         one in four); the choice is noted in conn-N.log
+#                         as "* chaos STEP ACTION ..."; see chaos_plan()
+#
+# STEP is greeting|ehlo|xclient|starttls|mail|rcpt|data|body|dot, where
+# "body" is the message data: the action happens once the first octets
+# after the 354 arrived.  "greeting" closes or resets before the greeting.
 #
 # A reply TEXT may contain "\n" (backslash n) to make a multiline reply:
 # "250-first\n250 last".  A "PROXY ..." line is accepted silently as the
@@ -64,7 +95,8 @@ use warnings;
 use Getopt::Long;
 use IO::Socket::INET;
 use POSIX qw(:sys_wait_h);
-use Time::HiRes qw(sleep);
+use Socket qw(SOL_SOCKET SO_RCVBUF SO_LINGER IPPROTO_TCP TCP_NODELAY);
+use Time::HiRes qw(sleep time);
 
 my %o = (
     greeting => '220 backend ESMTP',
@@ -78,14 +110,48 @@ my %o = (
     'read-size' => 16384,
     stall => '',
     rcpt => [],
+    'reply-lines' => [],
 );
 
 GetOptions(\%o, 'port=i', 'dir=s', 'pidfile=s', 'greeting=s', 'caps=s',
     'ehlo-reply=s', 'mail-reply=s', 'rcpt-reply=s', 'rcpt=s@',
     'data-reply=s', 'dot-reply=s', 'xclient-reply=s',
     'close-after-greeting', 'close-in-data-after=i', 'stall=s',
-    'delay-read=i', 'read-size=i', 'lenient-dot', 'tls=s')
+    'delay-read=i', 'read-size=i', 'lenient-dot', 'tls=s',
+    'greeting-from=s', 'rcvbuf=i', 'pause-after-354=i', 'early-reply=s',
+    'starttls-extra=s', 'reply-lines=s@', 'close-at=s', 'rst-at=s',
+    'byte-by-byte:i', 'chaos=i')
     or die "bad options\n";
+
+my @steps = qw(greeting ehlo xclient starttls mail rcpt data body dot);
+my %step_ok = map { $_ => 1 } @steps;
+
+# the actions given on the command line, per step
+my %cli_act;
+for my $r (@{ $o{'reply-lines'} }) {
+    my ($st, $n, $len, $code) = $r =~ /^(\w+)=(\d+),(\d+)(?:,(\d{3}))?$/
+        or die "bad --reply-lines '$r'\n";
+    die "bad step '$st'\n" unless $step_ok{$st};
+    $cli_act{$st} = { action => 'lines', n => $n, len => $len,
+        code => $code };
+}
+for my $k ('close-at', 'rst-at') {
+    next unless defined $o{$k};
+    die "bad step '$o{$k}'\n" unless $step_ok{$o{$k}};
+    $cli_act{ $o{$k} } = { action => $k eq 'close-at' ? 'close' : 'rst' };
+}
+
+my ($greeting_from, $greeting_later);
+if (defined $o{'greeting-from'}) {
+    ($greeting_from, $greeting_later) = $o{'greeting-from'} =~ /^(\d+)=(.*)$/
+        or die "bad --greeting-from\n";
+}
+
+my ($early_ms, $early_text);
+if (defined $o{'early-reply'}) {
+    ($early_ms, $early_text) = $o{'early-reply'} =~ /^(\d+)=(.*)$/
+        or die "bad --early-reply\n";
+}
 
 die "--port and --dir are required\n" unless $o{port} && $o{dir};
 
@@ -109,6 +175,10 @@ my $listen = IO::Socket::INET->new(
     ReuseAddr => 1,
     Proto => 'tcp',
 ) or die "listen 127.0.0.1:$o{port}: $!\n";
+
+# accepted sockets inherit it, and so the window they announce
+setsockopt($listen, SOL_SOCKET, SO_RCVBUF, $o{rcvbuf})
+    or die "SO_RCVBUF: $!\n" if $o{rcvbuf};
 
 if ($o{pidfile}) {
     open my $fh, '>', "$o{pidfile}.tmp" or die "pidfile: $!\n";
@@ -169,8 +239,65 @@ sub reply_text {
     return "$t\r\n";
 }
 
+# an N-line reply, each line LEN octets before its CRLF; the same text as
+# SmtpExt::Test::lines_reply()
+sub lines_reply {
+    my ($code, $n, $len) = @_;
+    my $class = substr($code, 0, 1);
+    my $out = '';
+    for my $i (1 .. $n) {
+        my $t = $code . ($i == $n ? ' ' : '-') . "$class.0.0 line $i of $n ";
+        my $k = 0;
+        $t .= chr(97 + ($i + $k++) % 26) while length $t < $len;
+        $out .= substr($t, 0, $len) . "\r\n";
+    }
+    return $out;
+}
+
+# --chaos: what connection N does wrong, from the seed alone
+sub chaos_plan {
+    my ($seed, $n, $tls) = @_;
+    srand($seed * 7919 + $n * 104729);
+    return undef if rand() < 0.25;
+
+    my @st = grep { $_ ne 'xclient' && ($_ ne 'starttls' || $tls) } @steps;
+    my $step = $st[int rand @st];
+    my @acts = qw(close rst stall partial bytes lines lines endless);
+    @acts = qw(close rst stall early early rcvbuf) if $step eq 'body';
+    @acts = qw(close rst stall extra extra) if $step eq 'starttls';
+    my $p = { step => $step, action => $acts[int rand @acts] };
+    my $a = $p->{action};
+
+    if ($a eq 'partial') {
+        $p->{split} = 1 + int rand 20;
+        $p->{gap} = int rand 600;
+    } elsif ($a eq 'lines') {
+        $p->{n} = 2 + int rand 120;
+        $p->{len} = 12 + int rand 500;
+    } elsif ($a eq 'early') {
+        $p->{ms} = int rand 800;
+        $p->{code} = (qw(250 451 554))[int rand 3];
+        # a backend that said 250 must still read what follows: its 250
+        # may be (taken as) the reply to the dot
+        $p->{close_ms} = int rand 1500 if $p->{code} !~ /^2/ && rand() < 0.5;
+    } elsif ($a eq 'rcvbuf') {
+        $p->{pause} = int rand 3000;
+        $p->{delay} = int rand 3;
+    } elsif ($a eq 'stall' && $step eq 'body') {
+        # stop reading (a blocked writer at the other end), never answer
+        $p->{pause} = 8000;
+    } elsif ($a eq 'extra') {
+        $p->{text} = ('250 2.0.0 injected', '250-injected\n250 twice',
+            '554 5.0.0 injected')[int rand 3];
+    }
+
+    return $p;
+}
+
 sub session {
     my ($sock, $n) = @_;
+
+    $SIG{PIPE} = 'IGNORE';
 
     my $dir = $o{dir};
     my $seen_helo = 0;
@@ -188,6 +315,21 @@ sub session {
     my $closing = 0;
     my $frozen = 0;
 
+    # what this connection does, from the options or --chaos
+    my %act = %cli_act;
+    my $stall = $o{stall};
+    my $greeting = $o{greeting};
+    my $pause_ms = $o{'pause-after-354'};
+    my ($e_ms, $e_text, $e_close_ms) = ($early_ms, $early_text, undef);
+    my $extra = $o{'starttls-extra'};
+    my $delay_read = $o{'delay-read'};
+    my $bytewise = defined $o{'byte-by-byte'} ? ($o{'byte-by-byte'} || 1)
+        : 0;
+    my ($paused_until, $early_at, $early_close_at, $early_sent) = (0, 0, 0, 0);
+
+    $greeting = $greeting_later
+        if defined $greeting_from && $n >= $greeting_from;
+
     open my $raw, '>>', "$dir/conn-$n.raw" or die "raw: $!\n";
     binmode $raw;
     open my $log, '>>', "$dir/conn-$n.log" or die "log: $!\n";
@@ -196,24 +338,79 @@ sub session {
 
     my $note = sub { print $log "* $_[0]\n"; };
 
-    my $send = sub {
-        my ($text) = @_;
-        return if $frozen;
-        my $out = reply_text($text);
-        for my $l (split /\r\n/, $out) {
-            print $log "< $l\n";
+    if (defined $o{chaos}) {
+        my $p = chaos_plan($o{chaos}, $n, $o{tls} ? 1 : 0);
+        if (!$p) {
+            $note->('chaos none');
+        } else {
+            $note->("chaos $p->{step} $p->{action} " . join ' ',
+                map { "$_=$p->{$_}" } grep { !/^(step|action)$/ }
+                sort keys %$p);
+            my $a = $p->{action};
+            if ($a eq 'early') {
+                $e_ms = $p->{ms};
+                $e_text = "$p->{code} " . substr($p->{code}, 0, 1)
+                    . '.0.0 early reply';
+                $e_close_ms = $p->{close_ms};
+            } elsif ($a eq 'rcvbuf') {
+                setsockopt($sock, SOL_SOCKET, SO_RCVBUF, 2048);
+                $pause_ms = $p->{pause};
+                $delay_read = $p->{delay};
+            } elsif ($a eq 'stall' && $p->{step} eq 'body') {
+                $pause_ms = $p->{pause};
+                $stall = 'dot';
+            } elsif ($a eq 'extra') {
+                $extra = $p->{text};
+            } else {
+                $act{ $p->{step} } = $p;
+            }
         }
+    }
+
+    my $write = sub {
+        my ($out) = @_;
         my $off = 0;
         while ($off < length $out) {
             my $w = syswrite($sock, $out, length($out) - $off, $off);
             if (!defined $w) {
                 next if $!{EINTR};
                 $closing = 1;
-                return;
+                return 0;
             }
             $off += $w;
         }
+        return 1;
     };
+
+    # raw reply bytes, maybe in two pieces or one octet at a time
+    my $send_raw = sub {
+        my ($out, $how) = @_;
+        return if $frozen;
+        for my $l (split /\r\n/, $out) {
+            print $log "< $l\n";
+        }
+        $how //= $bytewise ? { action => 'bytes', gap => $bytewise } : undef;
+        if ($how && $how->{action} eq 'bytes') {
+            setsockopt($sock, IPPROTO_TCP, TCP_NODELAY, 1);
+            for my $i (0 .. length($out) - 1) {
+                return unless $write->(substr($out, $i, 1));
+                sleep(($how->{gap} || 1) / 1000);
+            }
+            return;
+        }
+        if ($how && $how->{action} eq 'partial' && length $out > 1) {
+            my $k = $how->{split} < length $out ? $how->{split}
+                : length($out) - 1;
+            setsockopt($sock, IPPROTO_TCP, TCP_NODELAY, 1);
+            return unless $write->(substr($out, 0, $k));
+            sleep($how->{gap} / 1000);
+            $write->(substr($out, $k));
+            return;
+        }
+        $write->($out);
+    };
+
+    my $send = sub { $send_raw->(reply_text($_[0])); };
 
     my $finish = sub {
         $note->('closed');
@@ -225,21 +422,77 @@ sub session {
         exit 0;
     };
 
-    if ($o{stall} eq 'greeting') {
-        $note->('stall greeting');
-    } else {
-        $send->($o{greeting});
-        if ($o{greeting} =~ /^4/) {
+    my $reset = sub {
+        $note->('reset');
+        setsockopt($sock, SOL_SOCKET, SO_LINGER, pack('ii', 1, 0));
+        $finish->();
+    };
+
+    # a multiline reply that never ends (bounded: 8 MB, 30 s)
+    my $endless = sub {
+        my ($code) = @_;
+        my $lines = 0;
+        eval {
+            local $SIG{ALRM} = sub { die "alarm\n" };
+            alarm 30;
+            my $sent = 0;
+            while ($sent < 8 * 1024 * 1024) {
+                my $l = "$code-endless line " . ++$lines . ' '
+                    . ('z' x 60) . "\r\n";
+                last unless $write->($l);
+                $sent += length $l;
+            }
+            alarm 0;
+        };
+        $note->("endless reply, $lines lines");
+    };
+
+    # the reply to STEP, or what this connection does instead; false when
+    # nothing was sent
+    my $answer = sub {
+        my ($step, $text) = @_;
+        my $a = delete $act{$step};
+        if (!$a) {
+            $send->($text);
+            return 1;
+        }
+        my $x = $a->{action};
+        $note->("$x at $step");
+        $finish->() if $x eq 'close';
+        $reset->() if $x eq 'rst';
+        if ($x eq 'stall') {
+            $frozen = 1;
+            return 0;
+        }
+        my $out = reply_text($text);
+        my ($code) = $out =~ /^(\d{3})/;
+        $code //= '250';
+        if ($x eq 'endless') {
+            $endless->($code);
             $finish->();
         }
-        $refused = 1 if $o{greeting} =~ /^5/;
+        if ($x eq 'lines') {
+            $out = lines_reply($a->{code} // $code, $a->{n}, $a->{len});
+        }
+        $send_raw->($out, $x eq 'lines' ? undef : $a);
+        return 1;
+    };
+
+    if ($stall eq 'greeting') {
+        $note->('stall greeting');
+    } else {
+        $answer->('greeting', $greeting);
+        if ($greeting =~ /^4/) {
+            $finish->();
+        }
+        $refused = 1 if $greeting =~ /^5/;
     }
 
     $finish->() if $o{'close-after-greeting'};
 
     my $stalled = sub {
         my ($step) = @_;
-        return 0 unless $o{stall} eq $step;
+        return 0 unless $stall eq $step;
         $note->("stall $step");
         $frozen = 1;
         return 1;
@@ -254,12 +507,14 @@ sub session {
         close $fh;
         rename "$dir/msg-$n-$msg_no.eml.tmp", "$dir/msg-$n-$msg_no.eml";
         $note->("message $msg_no, " . length($body) . " octets");
+        $note->('dot after early reply') if $early_sent;
         $mail = 0;
         @rcpts = ();
+        ($paused_until, $early_at, $early_sent) = (0, 0, 0);
         return if $stalled->('dot');
         my $r = $o{'dot-reply'};
         $r =~ s/%N/$n-$msg_no/g;
-        $send->($r);
+        $answer->('dot', $r);
     };
 
     # $data starts with a virtual "\r\n" (the DATA line's own CRLF);
@@ -312,10 +567,10 @@ sub session {
         if ($verb eq 'EHLO' || $verb eq 'HELO') {
             return if $stalled->('ehlo');
             if ($verb eq 'EHLO' && defined $o{'ehlo-reply'}) {
-                $send->($o{'ehlo-reply'});
+                $answer->('ehlo', $o{'ehlo-reply'});
                 return if $o{'ehlo-reply'} !~ /^2/;
             } elsif ($verb eq 'HELO') {
-                $send->('250 backend');
+                $answer->('ehlo', '250 backend');
             } else {
                 my @caps = grep { length } split /,/, $o{caps};
                 push @caps, 'STARTTLS' if $o{tls} && !$tls;
@@ -325,7 +580,7 @@ sub session {
                     $r .= '250' . ($i == $#l ? ' ' : '-') . $l[$i];
                     $r .= '\n' if $i != $#l;
                 }
-                $send->($r);
+                $answer->('ehlo', $r);
             }
             $seen_helo = 1;
             $mail = 0;
@@ -336,7 +591,7 @@ sub session {
         if ($verb eq 'XCLIENT') {
             return if $stalled->('xclient');
             $note->("xclient $arg");
-            $send->($o{'xclient-reply'});
+            $answer->('xclient', $o{'xclient-reply'});
             if ($o{'xclient-reply'} =~ /^2/) {
                 $seen_helo = 0;
                 $mail = 0;
@@ -346,12 +601,21 @@ sub session {
         }
 
         if ($verb eq 'STARTTLS' && $o{tls} && !$tls) {
-            $send->('220 2.0.0 Ready to start TLS');
+            return if $stalled->('starttls');
+            my $r = '220 2.0.0 Ready to start TLS';
+            if (defined $extra) {
+                # the injection: in the same write as the 220
+                $note->('starttls extra');
+                $send_raw->(reply_text($r) . reply_text($extra));
+            } else {
+                $answer->('starttls', $r) or return;
+            }
             $note->('tls handshake');
             my $ok = IO::Socket::SSL->start_SSL($sock,
                 SSL_server => 1,
                 SSL_cert_file => $cert,
                 SSL_key_file => $key,
+                Timeout => 10,
             );
             if (!$ok) {
                 $note->("tls failed: " . IO::Socket::SSL::errstr());
@@ -372,8 +636,9 @@ sub session {
             } elsif ($mail) {
                 $send->('503 5.5.1 Error: nested MAIL command');
             } else {
-                $send->($o{'mail-reply'});
-                $mail = 1 if $o{'mail-reply'} =~ /^2/;
+                $answer->('mail', $o{'mail-reply'});
+                $mail = 1 if $o{'mail-reply'} =~ /^2/
+                    && (($cli_act{mail} // {})->{code} // '') !~ /^[45]/;
             }
             return;
         }
@@ -391,8 +656,9 @@ sub session {
                     last;
                 }
             }
-            $send->($r);
-            push @rcpts, $arg if $r =~ /^2/;
+            $answer->('rcpt', $r);
+            push @rcpts, $arg if $r =~ /^2/
+                && (($cli_act{rcpt} // {})->{code} // '') !~ /^[45]/;
             return;
         }
 
@@ -403,13 +669,18 @@ sub session {
             } elsif (!@rcpts) {
                 $send->('554 5.5.1 Error: no valid recipients');
             } else {
-                $send->($o{'data-reply'});
+                $answer->('data', $o{'data-reply'}) or return;
                 if ($o{'data-reply'} =~ /^3/) {
                     $in_data = 1;
                     $data = "\r\n";
                     $data_scan = 0;
                     $data_bytes = 0;
                     $note->('data');
+                    if ($pause_ms) {
+                        $paused_until = time + $pause_ms / 1000;
+                        $note->("pause $pause_ms ms");
+                    }
+                    $early_at = time + $e_ms / 1000 if defined $e_ms;
                 }
             }
             return;
@@ -446,6 +717,14 @@ sub session {
                 }
                 $data .= substr($buf, 0, $take, '');
                 $data_bytes += $take;
+
+                if ($act{body} && $data_bytes > 0) {
+                    my $a = delete $act{body};
+                    $note->("$a->{action} at body after $data_bytes");
+                    $reset->() if $a->{action} eq 'rst';
+                    $finish->() if $a->{action} eq 'close';
+                    $frozen = 1 if $a->{action} eq 'stall';
+                }
 
                 my ($s, $e, $t1) = $find_end->();
 
@@ -484,8 +763,50 @@ sub session {
 
     my $read_size = $o{'read-size'};
 
+    # true when the socket has input within $t seconds
+    my $readable = sub {
+        my ($t) = @_;
+        return 1 if $sock->can('pending') && $sock->pending();
+        my $rin = '';
+        vec($rin, fileno($sock), 1) = 1;
+        return select(my $rout = $rin, undef, undef, $t) > 0;
+    };
+
     while (!$closing) {
-        sleep($o{'delay-read'} / 1000) if $o{'delay-read'};
+        my $now = time;
+
+        if ($early_at && $now >= $early_at) {
+            $early_at = 0;
+            $early_sent = 1;
+            $note->('early reply');
+            $send->($e_text);
+            $early_close_at = $now + $e_close_ms / 1000 if defined $e_close_ms;
+            next;
+        }
+
+        if ($early_close_at && $now >= $early_close_at) {
+            $note->('close after early reply');
+            $finish->();
+        }
+
+        my ($wake) = sort { $a <=> $b } grep { $_ } $early_at, $early_close_at;
+
+        if ($paused_until) {
+            if ($now < $paused_until) {
+                my $until = $wake && $wake < $paused_until ? $wake
+                    : $paused_until;
+                sleep($until - $now);
+                next;
+            }
+            $paused_until = 0;
+            $note->('resume reading');
+        }
+
+        if ($wake) {
+            next unless $readable->($wake > $now ? $wake - $now : 0);
+        }
+
+        sleep($delay_read / 1000) if $delay_read;
 
         my $chunk;
         my $r = sysread($sock, $chunk, $read_size);

@@ -44,6 +44,7 @@ our @EXPORT = qw(
     error_log error_log_clean worker_pid worker_rss gen_cert
     require_programs module_path mail_module_path nginx_bin
     read_file write_file
+    lines_reply worker_sockets worker_busy_sockets is_asan
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../../..');
@@ -585,6 +586,80 @@ sub gen_cert {
 }
 
 
+# an N-line reply with CODE, each line LEN octets before its CRLF: what
+# smtp-backend.pl --reply-lines sends
+sub lines_reply {
+    my ($code, $n, $len) = @_;
+    my $class = substr($code, 0, 1);
+    my $out = '';
+    for my $i (1 .. $n) {
+        my $t = $code . ($i == $n ? ' ' : '-') . "$class.0.0 line $i of $n ";
+        my $k = 0;
+        $t .= chr(97 + ($i + $k++) % 26) while length $t < $len;
+        $out .= substr($t, 0, $len) . "\r\n";
+    }
+    return $out;
+}
+
+# is nginx running with AddressSanitizer (scripts/asan-test.sh)?
+sub is_asan {
+    return (nginx_bin() =~ /asan/ || ($ENV{LD_PRELOAD} // '') =~ /asan/)
+        ? 1 : 0;
+}
+
+my %tcp_state = (
+    '01' => 'ESTABLISHED', '02' => 'SYN-SENT', '03' => 'SYN-RECV',
+    '04' => 'FIN-WAIT-1', '05' => 'FIN-WAIT-2', '06' => 'TIME-WAIT',
+    '07' => 'CLOSE', '08' => 'CLOSE-WAIT', '09' => 'LAST-ACK',
+    '0A' => 'LISTEN', '0B' => 'CLOSING',
+);
+
+# the sockets the worker holds: a list of { fd, inode, state, local,
+# remote }; state is a TCP state ("LISTEN", "CLOSE-WAIT", ...), "unix",
+# or "?" for a socket in no table (a TCP socket already reset, say)
+sub worker_sockets {
+    my ($n) = @_;
+    my $pid = worker_pid($n) or return ();
+    my %fd;
+    opendir my $d, "/proc/$pid/fd" or return ();
+    for my $f (readdir $d) {
+        my $l = readlink("/proc/$pid/fd/$f") // next;
+        $fd{$1} = $f if $l =~ /^socket:\[(\d+)\]$/;
+    }
+    my %info;
+    for my $t ('/proc/net/tcp', '/proc/net/tcp6') {
+        open my $fh, '<', $t or next;
+        while (my $l = <$fh>) {
+            my @f = split ' ', $l;
+            next unless @f > 9 && $f[0] =~ /^\d+:$/;
+            my ($lp, $rp) = map { hex((split /:/)[1]) } @f[1, 2];
+            $info{ $f[9] } = { state => $tcp_state{ $f[3] } // $f[3],
+                local => $lp, remote => $rp };
+        }
+    }
+    for my $t ('/proc/net/unix') {
+        open my $fh, '<', $t or next;
+        while (my $l = <$fh>) {
+            my @f = split ' ', $l;
+            $info{ $f[6] } //= { state => 'unix' } if @f > 6;
+        }
+    }
+    return map { { fd => $fd{$_}, inode => $_,
+        %{ $info{$_} // { state => '?' } } } } sort keys %fd;
+}
+
+# the worker's sockets other than listening and unix ones (client,
+# backend, Redis connections, or leaked ones), as text for diag()
+sub worker_busy_sockets {
+    my ($n) = @_;
+    return map {
+        "fd $_->{fd} $_->{state}"
+            . (defined $_->{local} ? " $_->{local} -> $_->{remote}" : '')
+    } grep { $_->{state} ne 'LISTEN' && $_->{state} ne 'unix' }
+        worker_sockets($n);
+}
+
+
 # client: smtp_client($port_name_or_number, %opt)
 
 sub smtp_client {
@@ -628,6 +703,31 @@ sub send {
         $off += $w;
     }
     return 1;
+}
+
+# send without blocking longer than $timeout seconds in all: returns the
+# octets written (length $data when all went out)
+sub send_within {
+    my ($self, $data, $timeout) = @_;
+    my $s = $self->{sock};
+    my $deadline = time + $timeout;
+    my $off = 0;
+    local $SIG{PIPE} = 'IGNORE';
+    $s->blocking(0);
+    while ($off < length $data) {
+        my $left = $deadline - time;
+        last if $left <= 0;
+        my $sel = IO::Select->new($s);
+        next unless $sel->can_write($left);
+        my $w = syswrite($s, $data, length($data) - $off, $off);
+        if (!defined $w) {
+            next if $!{EINTR} || $!{EAGAIN} || $!{EWOULDBLOCK};
+            last;
+        }
+        $off += $w;
+    }
+    $s->blocking(1);
+    return $off;
 }
 
 # read more input; returns false on EOF or timeout
