@@ -28,6 +28,10 @@
 
 #include "ngx_mail_smtp_ext_module.h"
 
+#if (NGX_LINUX)
+#include <linux/sockios.h>
+#endif
+
 
 typedef enum {
     ngx_relay_connect = 0,
@@ -106,6 +110,8 @@ struct ngx_mail_smtp_ext_relay_s {
     unsigned                           reply_cut:1;
     unsigned                           reusing:1;
 
+    size_t                             reply_keep;
+
     ngx_queue_t                        queue;      /* in pool->cache */
 };
 
@@ -121,6 +127,8 @@ static void ngx_mail_smtp_ext_relay_fail(ngx_mail_smtp_ext_relay_t *r,
 static void ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r,
     ngx_int_t rc, ngx_uint_t code, u_char *p, size_t len);
 static void ngx_mail_smtp_ext_relay_data_free(ngx_mail_smtp_ext_relay_t *r);
+static ngx_uint_t ngx_mail_smtp_ext_relay_unsent(ngx_connection_t *c);
+static void ngx_mail_smtp_ext_relay_reset_peer(ngx_connection_t *c);
 static ngx_mail_smtp_ext_relay_t *ngx_mail_smtp_ext_relay_cached(
     ngx_mail_session_t *s, ngx_mail_smtp_ext_pool_t *pool);
 static void ngx_mail_smtp_ext_relay_set_log(ngx_mail_smtp_ext_relay_t *r,
@@ -449,6 +457,38 @@ ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r, ngx_int_t rc,
     r->pending = 0;
 
     ngx_mail_smtp_ext_relay_done(r->session, rc, code, p, len);
+}
+
+
+/* octets written but not yet acknowledged by the backend's TCP */
+
+static ngx_uint_t
+ngx_mail_smtp_ext_relay_unsent(ngx_connection_t *c)
+{
+#if defined(SIOCOUTQ)
+    int  n;
+
+    if (ioctl(c->fd, SIOCOUTQ, &n) == 0 && n > 0) {
+        return 1;
+    }
+#endif
+
+    return 0;
+}
+
+
+/* the close that follows is a reset: the kernel drops what it holds */
+
+static void
+ngx_mail_smtp_ext_relay_reset_peer(ngx_connection_t *c)
+{
+    struct linger  l;
+
+    l.l_onoff = 1;
+    l.l_linger = 0;
+
+    (void) setsockopt(c->fd, SOL_SOCKET, SO_LINGER, (const void *) &l,
+                      sizeof(struct linger));
 }
 
 
@@ -978,6 +1018,7 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t *code, u_char **p, size_t *len)
 {
     int                rc;
+    u_char            *final;
     size_t             n, keep;
     ssize_t            size;
     ngx_buf_t         *b;
@@ -1004,6 +1045,24 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
                 *code = r->reply.code;
 
                 if (r->reply_cut) {
+                    /* the head, then the final line: nothing between */
+
+                    for (final = b->pos + *len - 2;
+                         final[-1] != LF;
+                         final--)
+                    {
+                        /* void */
+                    }
+
+                    n = b->pos + *len - final;
+
+                    if (final > b->pos + r->reply_keep) {
+                        ngx_memmove(b->pos + r->reply_keep, final,
+                                    b->last - final);
+                        b->last -= final - (b->pos + r->reply_keep);
+                        *len = r->reply_keep + n;
+                    }
+
                     r->reply_cut = 0;
                     ngx_log_error(NGX_LOG_INFO, c->log, 0,
                                   "smtp_ext: backend %V sent a too long "
@@ -1029,6 +1088,16 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
                 ngx_memmove(b->start, b->pos, n);
                 b->pos = b->start;
                 b->last = b->start + n;
+            }
+
+            if (r->reply_cut && r->reply.scanned > r->reply_keep) {
+                /* past the head of a long reply: drop the lines read */
+
+                n = b->last - (b->pos + r->reply.scanned);
+                ngx_memmove(b->pos + r->reply_keep,
+                            b->pos + r->reply.scanned, n);
+                b->last = b->pos + r->reply_keep + n;
+                r->reply.scanned = r->reply_keep;
             }
         }
 
@@ -1060,6 +1129,7 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
             ngx_memmove(b->pos + keep, b->pos + r->reply.scanned, n);
             b->last = b->pos + keep + n;
             r->reply.scanned = keep;
+            r->reply_keep = keep;
             r->reply_cut = 1;
         }
 
@@ -1172,13 +1242,28 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
         ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
         return;
 
+    case ngx_relay_dot:
+        if (!ngx_mail_smtp_ext_relay_unsent(c)) {
+            goto final;
+        }
+
+        /*
+         * The dot was written, but the backend's TCP has not even taken
+         * all of the message: this reply came before the end of data.
+         */
+
+        /* fall through */
+
     case ngx_relay_body:
 
         /*
          * A reply while the message, or its final dot, is still being
-         * written: the backend gave up.  It gets nothing more; its own
-         * 5xx is kept for the client, who is read to the end of data.
+         * written: the backend gave up.  It gets nothing more (a reset
+         * drops what the kernel still holds for it); its own 5xx is kept
+         * for the client, who is read to the end of data.
          */
+
+        ngx_mail_smtp_ext_relay_reset_peer(c);
 
         r->fail_code = (code / 100 == 5) ? code : 0;
         r->fail_len = r->fail_code
@@ -1189,7 +1274,8 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
         ngx_mail_smtp_ext_relay_fail(r, "replied during DATA", 0);
         return;
 
-    case ngx_relay_dot:
+    final:
+
         if (c->read->timer_set) {
             ngx_del_timer(c->read);
         }
