@@ -5,9 +5,10 @@
 #                 nginx 1.22.1 (or, with NGINX_SRC=DIR, for that tree)
 #   make unit     C unit tests of the protocol core (ASan + UBSan)
 #   make fuzz     libFuzzer runs, FUZZ_TIME seconds each
-#   make test     build + unit + the Perl integration tests in t/
+#   make test     deps + build + unit + the Perl integration tests in t/
 #   make asan     the integration tests with the module under ASan
 #   make run      deps + build + a local demo on 127.0.0.1:2525
+#   make deb      deps + the Debian package, in build/ (debian/)
 #   make clean
 
 ROOT        := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
@@ -62,7 +63,7 @@ unexport CFLAGS
 MAKEOVERRIDES :=
 NGX_MAKE    := $(MAKE) -f objs/Makefile
 
-.PHONY: all deps build unit fuzz test asan run bench clean FORCE
+.PHONY: all deps build unit fuzz test asan run bench deb clean FORCE
 
 # "make -j run" must install before building; nginx's own make, called
 # from here, still compiles in parallel
@@ -177,7 +178,8 @@ TEST_ENV    := NGINX_BIN=$(TREE)/objs/nginx \
                NGX_MAIL_MODULE=$(TREE)/objs/ngx_mail_module.so
 endif
 
-test: build unit
+# deps first: on a fresh machine the nginx-dev tree is not there yet
+test: deps build unit
 	cd $(ROOT) && SMTP_EXT_MODULE=$(MOD_OUT) $(TEST_ENV) \
 	    $(PROVE) -I t/lib -j$(TEST_JOBS) $(PROVE_FLAGS) t/
 
@@ -188,6 +190,32 @@ run: deps build
 # about 10 minutes, not part of test; see docs/performance.md
 bench: build
 	SMTP_EXT_MODULE=$(MOD_OUT) $(TEST_ENV) $(ROOT)/bench/bench.py
+
+# --- Debian package ----------------------------------------------------
+
+# dpkg-buildpackage works on a copy in build/deb/ (it writes debian/build,
+# debian/.debhelper and the package tree, and its output goes to the
+# parent directory), so that the repository stays clean; the .deb is
+# copied to build/.  As root or not: debian/control says
+# Rules-Requires-Root: no.
+DEB_NAME    := libnginx-mod-mail-smtp-ext
+DEB_DIR     := $(BUILD)/deb
+
+deb: deps
+	@set -e; \
+	ver=$$(dpkg-parsechangelog -l $(ROOT)/debian/changelog -S Version); \
+	arch=$$(dpkg-architecture -qDEB_HOST_ARCH); \
+	deb=$(DEB_NAME)_$${ver}_$${arch}.deb; \
+	src=$(DEB_DIR)/$(DEB_NAME)-$${ver%-*}; \
+	rm -rf $(DEB_DIR); mkdir -p $$src; \
+	cd $(ROOT) && tar --exclude=./build --exclude=./.git \
+	    --exclude=./.prove -cf - . | tar -C $$src -xf -; \
+	cd $$src && dpkg-buildpackage -us -uc -b > $(DEB_DIR)/build.log 2>&1 \
+	    || { tail -n 40 $(DEB_DIR)/build.log; \
+	         echo "make deb: failed, see $(DEB_DIR)/build.log" >&2; \
+	         exit 1; }; \
+	cp $(DEB_DIR)/$$deb $(BUILD)/$$deb; \
+	echo "built $(BUILD)/$$deb"
 
 clean:
 	rm -rf $(BUILD)

@@ -12,6 +12,7 @@
 #endif
 
 #include "ngx_mail_smtp_ext_module.h"
+#include "ngx_mail_smtp_ext_version.h"
 
 
 static void *ngx_mail_smtp_ext_create_main_conf(ngx_conf_t *cf);
@@ -29,6 +30,7 @@ static char *ngx_mail_smtp_ext_auth_fail_limit(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static ngx_int_t ngx_mail_smtp_ext_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle);
 static void ngx_mail_smtp_ext_exit_process(ngx_cycle_t *cycle);
 #if (NGX_MAIL_SSL)
@@ -209,7 +211,7 @@ ngx_module_t  ngx_mail_smtp_ext_module = {
     ngx_mail_smtp_ext_commands,             /* module directives */
     NGX_MAIL_MODULE,                        /* module type */
     NULL,                                   /* init master */
-    NULL,                                   /* init module */
+    ngx_mail_smtp_ext_init_module,          /* init module */
     ngx_mail_smtp_ext_init_process,         /* init process */
     NULL,                                   /* init thread */
     NULL,                                   /* exit thread */
@@ -790,6 +792,17 @@ ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     smcf = ngx_mail_conf_get_module_main_conf(cf, ngx_mail_smtp_ext_module);
 
     return ngx_mail_smtp_ext_redis_parse(cf, &smcf->redis, &sscf->redis);
+}
+
+
+/* once per start and per reload, in the master: which build is running */
+
+static ngx_int_t
+ngx_mail_smtp_ext_init_module(ngx_cycle_t *cycle)
+{
+    ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0, NGX_MAIL_SMTP_EXT_VER);
+
+    return NGX_OK;
 }
 
 

@@ -35,6 +35,11 @@ PACKAGES=(
     gnuplot-nox
     procps
     iproute2
+    # make deb and scripts/deb-check.sh (dh_nginx comes with nginx-dev)
+    debhelper
+    dpkg-dev
+    fakeroot
+    lintian
 )
 
 SERVICES=(nginx redis-server postfix)
