@@ -431,6 +431,17 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
         if (conf->pass == NULL) {
             return NGX_CONF_ERROR;
         }
+
+        /* a PROXY protocol header belongs to one client's connection */
+
+        if (conf->proxy_protocol && conf->pass->keepalive) {
+            ngx_log_error(NGX_LOG_EMERG, cf->log, 0,
+                          "\"keepalive\" in smtp_ext_upstream \"%V\" "
+                          "cannot be used with \"smtp_ext_proxy_protocol "
+                          "on\" in %s:%ui", &conf->pass->name,
+                          conf->file_name, conf->line);
+            return NGX_CONF_ERROR;
+        }
     }
 
     if (conf->auth_methods && conf->redis == NULL) {

@@ -180,10 +180,11 @@ sub nginx_conf_text {
         unless $opt{no_mail_module};
     $head .= 'load_module ' . module_path() . ";\n"
         unless $opt{no_module};
+    my $workers = $opt{workers} // 1;
     $head .= <<"EOF";
 daemon off;
 master_process on;
-worker_processes 1;
+worker_processes $workers;
 error_log $dir/error.log info;
 pid $dir/nginx.pid;
 
