@@ -228,16 +228,18 @@ is(worker_pid($n), $worker, 'same worker: it never crashed');
 # reload: the old worker closes its Redis connection, the new one connects
 
 my $old = $worker;
-$c = session();    # held across the reload
+$c = session();    # held across the reload, inside a transaction
+$c->cmd('MAIL FROM:<s@x.test>', qr/^250 2\.1\.0 /);
 $n->reload($conf);
 ok(wait_for(sub { find_new_worker($n, $old) }, 10),
     'new worker after reload');
 
-# the held session is still served by the old worker
-$c->cmd('MAIL FROM:<s@x.test>', qr/^250 2\.1\.0 /);
+# the held session finishes its transaction with the old worker, then
+# is told to go (SPEC 5)
 $c->cmd('RCPT TO:<bob@example.org>', qr/^250 2\.1\.5 /,
     'old worker still does lookups');
-$c->cmd('QUIT', qr/^221 /);
+$c->cmd('RSET', qr/^250 /);
+$c->expect(qr/^421 4\.3\.2 /, 'then 421 4.3.2: the old worker exits');
 ok(wait_for(sub { !kill(0, $old) || zombie($old) }, 10),
     'old worker exits');
 
