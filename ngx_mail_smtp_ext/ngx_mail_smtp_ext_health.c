@@ -42,6 +42,7 @@ typedef struct ngx_mail_smtp_ext_hc_s  ngx_mail_smtp_ext_hc_t;
 typedef struct {
     ngx_mail_smtp_ext_hc_t         *hc;
     ngx_mail_smtp_ext_peer_t       *peer;
+    ngx_str_t                       label;      /* the peer, in the log */
     ngx_peer_connection_t           pc;
     ngx_mail_smtp_ext_hc_state_e    state;
 
@@ -141,6 +142,25 @@ ngx_mail_smtp_ext_health_init_process(ngx_cycle_t *cycle,
             pr = &hc->probes[j];
             pr->hc = hc;
             pr->peer = &peers[j];
+
+            /* as written; a name of several addresses gets the address */
+
+            pr->label = peers[j].server;
+
+            if (peers[j].server.len != peers[j].name.len
+                || ngx_strncmp(peers[j].server.data, peers[j].name.data,
+                               peers[j].name.len)
+                   != 0)
+            {
+                pr->label.len = peers[j].server.len + peers[j].name.len + 3;
+                pr->label.data = ngx_pnalloc(cycle->pool, pr->label.len);
+                if (pr->label.data == NULL) {
+                    return NGX_ERROR;
+                }
+
+                (void) ngx_sprintf(pr->label.data, "%V (%V)",
+                                   &peers[j].server, &peers[j].name);
+            }
 
             pr->start = ngx_pnalloc(cycle->pool, NGX_MAIL_SMTP_EXT_HC_BUF);
             if (pr->start == NULL) {
@@ -721,7 +741,7 @@ ngx_mail_smtp_ext_hc_done(ngx_mail_smtp_ext_hc_probe_t *pr, ngx_uint_t ok,
     if (!logged) {
         ngx_log_debug5(NGX_LOG_DEBUG_MAIL, pr->hc->log, 0,
                        "smtp_ext: upstream \"%V\" peer %V check %s %*s",
-                       &pool->name, &pr->peer->server,
+                       &pool->name, &pr->label,
                        ok ? "passed" : "failed:", len, reason);
         return;
     }
@@ -729,12 +749,12 @@ ngx_mail_smtp_ext_hc_done(ngx_mail_smtp_ext_hc_probe_t *pr, ngx_uint_t ok,
     if (unhealthy) {
         ngx_log_error(NGX_LOG_WARN, pr->hc->log, 0,
                       "smtp_ext: upstream \"%V\" peer %V is unhealthy: %*s",
-                      &pool->name, &pr->peer->server, len, reason);
+                      &pool->name, &pr->label, len, reason);
 
     } else {
         ngx_log_error(NGX_LOG_WARN, pr->hc->log, 0,
                       "smtp_ext: upstream \"%V\" peer %V is healthy again",
-                      &pool->name, &pr->peer->server);
+                      &pool->name, &pr->label);
     }
 }
 
