@@ -248,14 +248,16 @@ ngx_mail_smtp_ext_hc_tick(ngx_event_t *ev)
 
         /*
          * A mandatory peer not checked since start or reload is due now;
-         * so is one whose time is further away than an interval (the
-         * interval was shortened by a reload).
+         * so is one whose time is well beyond an interval away (the
+         * interval was shortened by a reload).  The slack covers another
+         * worker's fresher clock.
          */
 
         if ((pool->hc_mandatory
              && st->unhealthy && st->hc_passes == 0 && st->hc_fails == 0)
             || (ngx_msec_int_t) (due - now)
-               > (ngx_msec_int_t) (pool->hc_interval + pool->hc_jitter))
+               > (ngx_msec_int_t) (pool->hc_interval + pool->hc_jitter
+                                   + 1000))
         {
             due = now;
         }
