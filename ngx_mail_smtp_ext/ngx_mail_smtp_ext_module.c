@@ -833,7 +833,15 @@ ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle)
 
     smcf = ctx->main_conf[ngx_mail_smtp_ext_module.ctx_index];
 
-    if (smcf == NULL || smcf->redis.nelts == 0) {
+    if (smcf == NULL) {
+        return NGX_OK;
+    }
+
+    if (ngx_mail_smtp_ext_health_init_process(cycle, smcf) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
+    if (smcf->redis.nelts == 0) {
         return NGX_OK;
     }
 

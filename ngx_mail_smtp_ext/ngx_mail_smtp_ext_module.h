@@ -308,6 +308,10 @@ void ngx_mail_smtp_ext_pool_init_peer(ngx_mail_smtp_ext_peer_t *peer);
 ngx_uint_t ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
     ngx_mail_smtp_ext_peer_t *peer);
 
+/* ngx_mail_smtp_ext_health.c */
+ngx_int_t ngx_mail_smtp_ext_health_init_process(ngx_cycle_t *cycle,
+    ngx_mail_smtp_ext_main_conf_t *smcf);
+
 /*
  * ngx_mail_smtp_ext_relay.c: the backend connection of a session.  Each
  * call that starts a step (open, rcpt, data, a body write that returned
