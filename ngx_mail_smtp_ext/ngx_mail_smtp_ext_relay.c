@@ -787,11 +787,14 @@ ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     r = ctx->relay;
 
+    /* a peer that turned unhealthy gets no new transaction */
+
     return r != NULL
            && !r->broken
            && !r->pending
            && r->pc.connection != NULL
            && r->upstream == pool
+           && !ngx_mail_smtp_ext_peer_state(r->peer)->unhealthy
            && (r->state == ngx_relay_idle || r->state == ngx_relay_cmds);
 }
 
