@@ -133,8 +133,13 @@ sub phase {
         }
 
         is($ok, $WARMUP + $BATCH, "$name: every command got $want");
-        cmp_ok($growth, '<', $LIMIT_KB,
-            "$name: worker grew by less than 2 MB over $BATCH commands");
+        SKIP: {
+            # ASan's quarantine keeps freed memory: RSS says nothing
+            skip("$name: RSS under AddressSanitizer", 1)
+                if SmtpExt::Test::is_asan();
+            cmp_ok($growth, '<', $LIMIT_KB,
+                "$name: worker grew by less than 2 MB over $BATCH commands");
+        }
     }
 }
 
