@@ -138,6 +138,81 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls),
       &ngx_mail_smtp_ext_tls_modes },
 
+#if (NGX_MAIL_SSL)
+
+    { ngx_string("smtp_ext_upstream_tls_verify"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_verify),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_verify_depth"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_verify_depth),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_trusted_certificate"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t,
+               upstream_tls_trusted_certificate),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_name"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_name),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_server_name"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_server_name),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_certificate"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_certificate),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_certificate_key"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_certificate_key),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_protocols"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
+      ngx_conf_set_bitmask_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_protocols),
+      &ngx_mail_smtp_ext_upstream_tls_protocols },
+
+    { ngx_string("smtp_ext_upstream_tls_ciphers"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_str_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_ciphers),
+      NULL },
+
+    { ngx_string("smtp_ext_upstream_tls_session_reuse"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_tls_session_reuse),
+      NULL },
+
+#endif
+
     { ngx_string("smtp_ext_connect_timeout"),
       NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_msec_slot,
@@ -357,6 +432,14 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
     sscf->auth_fail_limit = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_window = NGX_CONF_UNSET;
 
+#if (NGX_MAIL_SSL)
+    /* upstream_tls_* strings and protocols: set by ngx_pcalloc() */
+    sscf->upstream_tls_verify = NGX_CONF_UNSET;
+    sscf->upstream_tls_verify_depth = NGX_CONF_UNSET_UINT;
+    sscf->upstream_tls_server_name = NGX_CONF_UNSET;
+    sscf->upstream_tls_session_reuse = NGX_CONF_UNSET;
+#endif
+
     sscf->file_name = cf->conf_file->file.name.data;
     sscf->line = cf->conf_file->line;
 
@@ -383,6 +466,30 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->proxy_protocol, prev->proxy_protocol, 0);
     ngx_conf_merge_uint_value(conf->upstream_tls, prev->upstream_tls,
                               NGX_MAIL_SMTP_EXT_TLS_OFF);
+#if (NGX_MAIL_SSL)
+    ngx_conf_merge_value(conf->upstream_tls_verify,
+                         prev->upstream_tls_verify, 0);
+    ngx_conf_merge_uint_value(conf->upstream_tls_verify_depth,
+                              prev->upstream_tls_verify_depth, 1);
+    ngx_conf_merge_str_value(conf->upstream_tls_trusted_certificate,
+                             prev->upstream_tls_trusted_certificate, "");
+    ngx_conf_merge_str_value(conf->upstream_tls_name,
+                             prev->upstream_tls_name, "");
+    ngx_conf_merge_value(conf->upstream_tls_server_name,
+                         prev->upstream_tls_server_name, 0);
+    ngx_conf_merge_str_value(conf->upstream_tls_certificate,
+                             prev->upstream_tls_certificate, "");
+    ngx_conf_merge_str_value(conf->upstream_tls_certificate_key,
+                             prev->upstream_tls_certificate_key, "");
+    ngx_conf_merge_bitmask_value(conf->upstream_tls_protocols,
+                                 prev->upstream_tls_protocols,
+                                 (NGX_CONF_BITMASK_SET|NGX_SSL_TLSv1_2
+                                  |NGX_SSL_TLSv1_3));
+    ngx_conf_merge_str_value(conf->upstream_tls_ciphers,
+                             prev->upstream_tls_ciphers, "DEFAULT");
+    ngx_conf_merge_value(conf->upstream_tls_session_reuse,
+                         prev->upstream_tls_session_reuse, 1);
+#endif
     ngx_conf_merge_msec_value(conf->connect_timeout, prev->connect_timeout,
                               10000);
     ngx_conf_merge_msec_value(conf->upstream_timeout,
@@ -633,33 +740,9 @@ static char *
 ngx_mail_smtp_ext_upstream_ssl(ngx_conf_t *cf,
     ngx_mail_smtp_ext_srv_conf_t *conf)
 {
-    ngx_pool_cleanup_t  *cln;
+    /* the smtp_ext_upstream_tls_* settings, in their own file */
 
-    conf->upstream_ssl = ngx_pcalloc(cf->pool, sizeof(ngx_ssl_t));
-    if (conf->upstream_ssl == NULL) {
-        return NGX_CONF_ERROR;
-    }
-
-    conf->upstream_ssl->log = cf->log;
-
-    if (ngx_ssl_create(conf->upstream_ssl,
-                       NGX_SSL_TLSv1|NGX_SSL_TLSv1_1|NGX_SSL_TLSv1_2
-                       |NGX_SSL_TLSv1_3, NULL)
-        != NGX_OK)
-    {
-        return NGX_CONF_ERROR;
-    }
-
-    cln = ngx_pool_cleanup_add(cf->pool, 0);
-    if (cln == NULL) {
-        ngx_ssl_cleanup_ctx(conf->upstream_ssl);
-        return NGX_CONF_ERROR;
-    }
-
-    cln->handler = ngx_ssl_cleanup_ctx;
-    cln->data = conf->upstream_ssl;
-
-    return NGX_CONF_OK;
+    return ngx_mail_smtp_ext_upstream_tls_conf(cf, conf);
 }
 
 #endif

@@ -164,6 +164,20 @@ typedef struct {
 
     u_char                         *file_name;
     ngx_uint_t                      line;
+
+#if (NGX_MAIL_SSL)
+    /* smtp_ext_upstream_tls_* (ngx_mail_smtp_ext_upstream_tls.c) */
+    ngx_flag_t                      upstream_tls_verify;
+    ngx_uint_t                      upstream_tls_verify_depth;
+    ngx_str_t                       upstream_tls_trusted_certificate;
+    ngx_str_t                       upstream_tls_name;
+    ngx_flag_t                      upstream_tls_server_name;
+    ngx_str_t                       upstream_tls_certificate;
+    ngx_str_t                       upstream_tls_certificate_key;
+    ngx_uint_t                      upstream_tls_protocols;
+    ngx_str_t                       upstream_tls_ciphers;
+    ngx_flag_t                      upstream_tls_session_reuse;
+#endif
 } ngx_mail_smtp_ext_srv_conf_t;
 
 
@@ -336,6 +350,18 @@ void ngx_mail_smtp_ext_relay_release(ngx_mail_session_t *s);
 ngx_uint_t ngx_mail_smtp_ext_relay_usable(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool);
 ngx_str_t *ngx_mail_smtp_ext_relay_peer_name(ngx_mail_session_t *s);
+
+#if (NGX_MAIL_SSL)
+/* ngx_mail_smtp_ext_upstream_tls.c: TLS towards the backends */
+extern ngx_conf_bitmask_t  ngx_mail_smtp_ext_upstream_tls_protocols[];
+char *ngx_mail_smtp_ext_upstream_tls_conf(ngx_conf_t *cf,
+    ngx_mail_smtp_ext_srv_conf_t *conf);
+ngx_int_t ngx_mail_smtp_ext_upstream_tls_init(ngx_mail_session_t *s,
+    ngx_connection_t *c, ngx_mail_smtp_ext_peer_t *peer);
+/* after the handshake: NULL, or why the backend must not be used */
+char *ngx_mail_smtp_ext_upstream_tls_check(ngx_mail_session_t *s,
+    ngx_connection_t *c);
+#endif
 
 
 extern ngx_module_t  ngx_mail_smtp_ext_module;

@@ -1623,15 +1623,14 @@ ngx_mail_smtp_ext_relay_xclient(ngx_mail_smtp_ext_relay_t *r)
 static void
 ngx_mail_smtp_ext_relay_starttls(ngx_mail_smtp_ext_relay_t *r)
 {
-    ngx_int_t                      rc;
-    ngx_connection_t              *c;
-    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+    ngx_int_t          rc;
+    ngx_connection_t  *c;
 
     c = r->pc.connection;
-    sscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_smtp_ext_module);
 
-    if (ngx_ssl_create_connection(sscf->upstream_ssl, c,
-                                  NGX_SSL_BUFFER|NGX_SSL_CLIENT)
+    /* SSL connection, name, SNI, session: ngx_mail_smtp_ext_upstream_tls.c */
+
+    if (ngx_mail_smtp_ext_upstream_tls_init(r->session, c, r->peer)
         != NGX_OK)
     {
         ngx_mail_smtp_ext_relay_next(r, "TLS setup failed");
@@ -1654,13 +1653,21 @@ ngx_mail_smtp_ext_relay_starttls(ngx_mail_smtp_ext_relay_t *r)
 static void
 ngx_mail_smtp_ext_relay_ssl_handshaked(ngx_connection_t *c)
 {
+    char                       *reason;
     ngx_mail_core_srv_conf_t   *cscf;
     ngx_mail_smtp_ext_relay_t  *r;
 
     r = c->data;
 
-    if (!c->ssl->handshaked) {
-        ngx_mail_smtp_ext_relay_next(r, "TLS handshake failed");
+    /*
+     * A failed handshake or certificate check is a failed attempt of
+     * this peer: never a fall-back to plaintext with it.
+     */
+
+    reason = ngx_mail_smtp_ext_upstream_tls_check(r->session, c);
+
+    if (reason) {
+        ngx_mail_smtp_ext_relay_next(r, reason);
         return;
     }
 

@@ -51,6 +51,15 @@
 #                         CR.CRLF, ... (an smuggling-vulnerable server);
 #                         what follows is taken as commands
 #   --tls CERT,KEY        offer STARTTLS
+#   --tls-client-ca FILE  with --tls: require a client certificate that
+#                         FILE's CA signed (a handshake without one fails)
+#   --tls-info            with --tls: after the handshake note
+#                         "* tls sni NAME" ("-" without SNI) and
+#                         "* tls client SUBJECT" ("-" without a client
+#                         certificate) and "* tls reused 0|1" (a resumed
+#                         session: the TLS context, and so its session
+#                         ticket key, is then made once for all
+#                         connections)
 #   --greeting-from 'N=TEXT'  connections N and later greet with TEXT
 #                         instead (e.g. "2=421 4.3.2 down": the first
 #                         connection works, the later ones fail)
@@ -120,7 +129,7 @@ GetOptions(\%o, 'port=i', 'dir=s', 'pidfile=s', 'greeting=s', 'caps=s',
     'delay-read=i', 'read-size=i', 'lenient-dot', 'tls=s',
     'greeting-from=s', 'rcvbuf=i', 'pause-after-354=i', 'early-reply=s',
     'starttls-extra=s', 'reply-lines=s@', 'close-at=s', 'rst-at=s',
-    'byte-by-byte:i', 'chaos=i')
+    'byte-by-byte:i', 'chaos=i', 'tls-client-ca=s', 'tls-info')
     or die "bad options\n";
 
 my @steps = qw(greeting ehlo xclient starttls mail rcpt data body dot);
@@ -162,10 +171,22 @@ for my $r (@{ $o{rcpt} }) {
     push @rcpt_rules, [qr/$re/i, $reply];
 }
 
-my ($cert, $key);
+my ($cert, $key, @tls_ctx);
 if ($o{tls}) {
     ($cert, $key) = split /,/, $o{tls};
     require IO::Socket::SSL;
+}
+if ($o{tls} && $o{'tls-info'}) {
+    # one context before the forks: its ticket key is every child's
+    my $ctx = IO::Socket::SSL::SSL_Context->new(SSL_server => 1,
+        SSL_cert_file => $cert, SSL_key_file => $key,
+        ($o{'tls-client-ca'} ? (
+            SSL_ca_file => $o{'tls-client-ca'},
+            SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_PEER()
+                | IO::Socket::SSL::SSL_VERIFY_FAIL_IF_NO_PEER_CERT(),
+        ) : ()))
+        or die "TLS context: " . IO::Socket::SSL::errstr() . "\n";
+    @tls_ctx = (SSL_reuse_ctx => $ctx);
 }
 
 my $listen = IO::Socket::INET->new(
@@ -616,10 +637,23 @@ sub session {
                 SSL_cert_file => $cert,
                 SSL_key_file => $key,
                 Timeout => 10,
+                @tls_ctx,
+                ($o{'tls-client-ca'} ? (
+                    SSL_ca_file => $o{'tls-client-ca'},
+                    SSL_verify_mode => IO::Socket::SSL::SSL_VERIFY_PEER()
+                        | IO::Socket::SSL::SSL_VERIFY_FAIL_IF_NO_PEER_CERT(),
+                ) : ()),
             );
             if (!$ok) {
                 $note->("tls failed: " . IO::Socket::SSL::errstr());
                 $finish->();
+            }
+            if ($o{'tls-info'}) {
+                $note->('tls sni ' . ($sock->get_servername() // '-'));
+                $note->('tls client '
+                    . ($sock->peer_certificate('subject') // '-'));
+                $note->('tls reused '
+                    . ($sock->get_session_reused() ? 1 : 0));
             }
             $tls = 1;
             $seen_helo = 0;
