@@ -112,6 +112,9 @@ struct ngx_mail_smtp_ext_relay_s {
 
     size_t                             reply_keep;
 
+    /* the server whose TLS policy made this connection */
+    ngx_mail_smtp_ext_srv_conf_t      *sscf;
+
     ngx_queue_t                        queue;      /* in pool->cache */
 };
 
@@ -213,6 +216,7 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
     r->session = s;
     r->pool = p;
     r->upstream = pool;
+    r->sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     /* the 32 KiB body buffer is taken only in DATA */
 
@@ -614,19 +618,41 @@ static ngx_mail_smtp_ext_relay_t *
 ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_pool_t *pool)
 {
-    ngx_queue_t                     *q;
+    ngx_queue_t                     *q, *next;
     ngx_connection_t                *c;
     ngx_mail_smtp_ext_relay_t       *r;
+    ngx_mail_smtp_ext_srv_conf_t    *sscf;
     ngx_mail_smtp_ext_peer_state_t  *st;
 
-    while (!ngx_queue_empty(&pool->cache)) {
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-        q = ngx_queue_head(&pool->cache);
+    for (q = ngx_queue_head(&pool->cache);
+         q != ngx_queue_sentinel(&pool->cache);
+         q = next)
+    {
+        next = ngx_queue_next(q);
+
         r = ngx_queue_data(q, ngx_mail_smtp_ext_relay_t, queue);
         st = ngx_mail_smtp_ext_peer_state(r->peer);
 
         if (r->peer->down || st->unhealthy) {
             ngx_mail_smtp_ext_relay_cache_close(r, 1);
+            continue;
+        }
+
+        /*
+         * Only a server with the same TLS policy towards backends may
+         * take it: a connection made without verification never serves
+         * a server that asks for it.
+         */
+
+        if (r->sscf != sscf
+            && (r->sscf->upstream_tls != sscf->upstream_tls
+#if (NGX_MAIL_SSL)
+                || r->sscf->upstream_ssl != sscf->upstream_ssl
+#endif
+                || r->sscf->upstream_tls_verify != sscf->upstream_tls_verify))
+        {
             continue;
         }
 
@@ -645,6 +671,7 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
         c->write->handler = ngx_mail_smtp_ext_relay_write_handler;
 
         r->session = s;
+        r->sscf = sscf;
         ngx_mail_smtp_ext_relay_set_log(r, s->connection->log);
 
         /* as a new connection, up to "ready" */
