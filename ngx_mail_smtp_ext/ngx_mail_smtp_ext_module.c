@@ -227,6 +227,13 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       offsetof(ngx_mail_smtp_ext_srv_conf_t, upstream_timeout),
       NULL },
 
+    { ngx_string("smtp_ext_dsn"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, dsn),
+      NULL },
+
     { ngx_string("smtp_ext_min_data_rate"),
       NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -428,6 +435,7 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
     sscf->connect_timeout = NGX_CONF_UNSET_MSEC;
     sscf->upstream_timeout = NGX_CONF_UNSET_MSEC;
     sscf->min_data_rate = NGX_CONF_UNSET_UINT;
+    sscf->dsn = NGX_CONF_UNSET;
     sscf->bare_lf = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_limit = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_window = NGX_CONF_UNSET;
@@ -500,6 +508,7 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
                               5);
     ngx_conf_merge_value(conf->auth_fail_window, prev->auth_fail_window, 600);
     ngx_conf_merge_uint_value(conf->min_data_rate, prev->min_data_rate, 500);
+    ngx_conf_merge_value(conf->dsn, prev->dsn, 0);
 
     if (conf->pass_name.data == NULL) {
         conf->pass_name = prev->pass_name;
@@ -672,8 +681,10 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
                     "250-SIZE %O" CRLF
                     "250-8BITMIME" CRLF
                     "250-ENHANCEDSTATUSCODES" CRLF
-                    "250-SMTPUTF8" CRLF,
-                    conf->max_message_size);
+                    "250-SMTPUTF8" CRLF
+                    "%s",
+                    conf->max_message_size,
+                    conf->dsn ? "250-DSN" CRLF : "");
 
     caps_len = p - caps;
 

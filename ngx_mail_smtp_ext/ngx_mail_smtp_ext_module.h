@@ -144,6 +144,7 @@ typedef struct {
     ngx_uint_t                      auth_fail_limit;
     time_t                          auth_fail_window;
     ngx_uint_t                      min_data_rate;
+    ngx_flag_t                      dsn;
 
     ngx_mail_smtp_ext_redis_conf_t *redis;
     ngx_thread_pool_t              *thread_pool;
@@ -229,7 +230,11 @@ typedef struct {
     ngx_uint_t                      step;       /* backend step awaited */
     ngx_str_t                      *pending_rcpt;
     ngx_str_t                       rcpt;       /* in rcpt_buf */
+    ngx_str_t                       rcpt_dsn;   /* in rcpt_buf */
     u_char                         *rcpt_buf;   /* in tpool */
+    ngx_str_t                       mail_dsn;   /* " RET=.. ENVID=.." */
+    off_t                           skip;       /* octets of a refused
+                                                   BDAT still to drop */
     ngx_mail_smtp_ext_pool_t       *pending_route;
 
     ngx_mail_smtp_ext_relay_t      *relay;
@@ -241,6 +246,8 @@ typedef struct {
     unsigned                        greeted:1;  /* HELO or EHLO seen */
     unsigned                        in_tx:1;    /* MAIL accepted */
     unsigned                        smtputf8:1;
+    unsigned                        utf8_env:1; /* a non-ASCII address */
+    unsigned                        rcpt_utf8:1;
     unsigned                        body8:1;
     unsigned                        skip_line:1; /* overlong line */
     unsigned                        out_blocked:1;
@@ -342,6 +349,7 @@ ngx_int_t ngx_mail_smtp_ext_relay_body(ngx_mail_session_t *s,
 ngx_int_t ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s,
     u_char *p, size_t len);
 ngx_uint_t ngx_mail_smtp_ext_relay_span_pending(ngx_mail_session_t *s);
+ngx_uint_t ngx_mail_smtp_ext_relay_caps(ngx_mail_session_t *s);
 ngx_uint_t ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s,
     u_char **p, size_t *len);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);

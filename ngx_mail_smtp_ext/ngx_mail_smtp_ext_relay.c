@@ -109,6 +109,7 @@ struct ngx_mail_smtp_ext_relay_s {
     unsigned                           last:1;     /* the dot is queued */
     unsigned                           reply_cut:1;
     unsigned                           reusing:1;
+    unsigned                           dsn_warned:1;
 
     size_t                             reply_keep;
 
@@ -131,6 +132,7 @@ static void ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r,
     ngx_int_t rc, ngx_uint_t code, u_char *p, size_t len);
 static void ngx_mail_smtp_ext_relay_data_free(ngx_mail_smtp_ext_relay_t *r);
 static ngx_uint_t ngx_mail_smtp_ext_relay_unsent(ngx_connection_t *c);
+static void ngx_mail_smtp_ext_relay_no_dsn(ngx_mail_smtp_ext_relay_t *r);
 static void ngx_mail_smtp_ext_relay_reset_peer(ngx_connection_t *c);
 static ngx_mail_smtp_ext_relay_t *ngx_mail_smtp_ext_relay_cached(
     ngx_mail_session_t *s, ngx_mail_smtp_ext_pool_t *pool);
@@ -340,6 +342,7 @@ ngx_mail_smtp_ext_relay_connect(ngx_mail_smtp_ext_relay_t *r)
     ngx_memzero(&r->ehlo, sizeof(ngx_smtp_ehlo_t));
     r->tls = 0;
     r->handshaked = 0;
+    r->dsn_warned = 0;
     r->broken = 0;
     r->mail_sent = 0;
     r->need_rset = 0;
@@ -1756,6 +1759,15 @@ ngx_mail_smtp_ext_relay_rcpt(ngx_mail_session_t *s, ngx_str_t *rcpt)
             p = ngx_cpymem(p, " SMTPUTF8", sizeof(" SMTPUTF8") - 1);
         }
 
+        if (ctx->mail_dsn.len) {
+            if (r->ehlo.caps & NGX_SMTP_CAP_DSN) {
+                p = ngx_cpymem(p, ctx->mail_dsn.data, ctx->mail_dsn.len);
+
+            } else {
+                ngx_mail_smtp_ext_relay_no_dsn(r);
+            }
+        }
+
         *p++ = CR; *p++ = LF;
 
         r->cmds[r->ncmds] = ngx_relay_cmd_mail;
@@ -1763,7 +1775,18 @@ ngx_mail_smtp_ext_relay_rcpt(ngx_mail_session_t *s, ngx_str_t *rcpt)
         r->mail_sent = 1;
     }
 
-    p = ngx_sprintf(p, "RCPT TO:<%V>" CRLF, rcpt);
+    p = ngx_sprintf(p, "RCPT TO:<%V>", rcpt);
+
+    if (ctx->rcpt_dsn.len) {
+        if (r->ehlo.caps & NGX_SMTP_CAP_DSN) {
+            p = ngx_cpymem(p, ctx->rcpt_dsn.data, ctx->rcpt_dsn.len);
+
+        } else {
+            ngx_mail_smtp_ext_relay_no_dsn(r);
+        }
+    }
+
+    *p++ = CR; *p++ = LF;
     r->cmds[r->ncmds] = ngx_relay_cmd_rcpt;
     r->cmd_end[r->ncmds++] = p - r->out->pos;
 
@@ -2069,4 +2092,36 @@ ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s, u_char **p,
     *len = r->fail_len;
 
     return r->fail_code;
+}
+
+
+/* the EHLO keywords of the session's backend */
+
+ngx_uint_t
+ngx_mail_smtp_ext_relay_caps(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    return r ? r->ehlo.caps : 0;
+}
+
+
+/* DSN parameters are dropped for a backend that does not list DSN */
+
+static void
+ngx_mail_smtp_ext_relay_no_dsn(ngx_mail_smtp_ext_relay_t *r)
+{
+    if (r->dsn_warned) {
+        return;
+    }
+
+    r->dsn_warned = 1;
+
+    ngx_log_error(NGX_LOG_WARN, r->session->connection->log, 0,
+                  "smtp_ext: backend %V does not list DSN, DSN parameters "
+                  "dropped", &r->peer->name);
 }

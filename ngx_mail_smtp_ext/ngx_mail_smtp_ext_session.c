@@ -81,6 +81,10 @@ static ngx_str_t  ngx_smtp_ext_param = ngx_smtp_ext_reply(
     "555 5.5.4 Unsupported option");
 static ngx_str_t  ngx_smtp_ext_utf8 = ngx_smtp_ext_reply(
     "553 5.6.7 Must declare SMTPUTF8 to send UTF-8 address");
+static ngx_str_t  ngx_smtp_ext_no_utf8 = ngx_smtp_ext_reply(
+    "553 5.6.7 Recipient's server does not support SMTPUTF8");
+static ngx_str_t  ngx_smtp_ext_no_8bit = ngx_smtp_ext_reply(
+    "554 5.6.9 Recipient's server does not support 8BITMIME");
 static ngx_str_t  ngx_smtp_ext_too_big = ngx_smtp_ext_reply(
     "552 5.3.4 Message size exceeds fixed maximum message size");
 static ngx_str_t  ngx_smtp_ext_bare = ngx_smtp_ext_reply(
@@ -120,6 +124,7 @@ static void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_rcpt_send(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s,
     u_char *reply, size_t len);
 static void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
@@ -532,7 +537,7 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
      * has a deadline that grows with the octets received.
      */
 
-    if (ctx->state == ngx_smtp_ext_data) {
+    if (ctx->state == ngx_smtp_ext_data || ctx->skip) {
         ctx->data_in += n;
         ngx_mail_smtp_ext_read_timer(s);
 
@@ -609,7 +614,9 @@ ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s)
 
     timer = cscf->timeout;
 
-    if (ctx->state == ngx_smtp_ext_data && sscf->min_data_rate) {
+    if ((ctx->state == ngx_smtp_ext_data || ctx->skip)
+        && sscf->min_data_rate)
+    {
         left = (ngx_msec_int_t) (ctx->data_start + cscf->timeout
                                  + ctx->data_in * 1000
                                    / (off_t) sscf->min_data_rate
@@ -632,12 +639,25 @@ static ngx_int_t
 ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
 {
     int                       rc;
+    off_t                     n;
     ngx_buf_t                *b;
     ngx_smtp_line_t           line;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     b = s->buffer;
+
+    if (ctx->skip) {
+        /* a refused BDAT's chunk is data, never commands (RFC 3030) */
+
+        n = ngx_min((off_t) (b->last - b->pos), ctx->skip);
+        b->pos += n;
+        ctx->skip -= n;
+
+        if (ctx->skip) {
+            return NGX_AGAIN;
+        }
+    }
 
     if (ctx->skip_line) {
         /* the rest of an overlong line: drop it up to its LF */
@@ -718,6 +738,19 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
 
     default:
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_syntax);
+    }
+
+    if (cmd.cmd == NGX_SMTP_CMD_BDAT) {
+        /*
+         * CHUNKING is not offered: the chunk is read and dropped, under
+         * the deadline of message data
+         */
+
+        ctx->skip = cmd.chunk;
+        ctx->data_start = ngx_current_msec;
+        ctx->data_in = 0;
+
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_not_impl);
     }
 
     switch (cmd.cmd) {
@@ -897,6 +930,10 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_big);
     }
 
+    if ((cmd->dsn[0].len || cmd->dsn[1].len) && !sscf->dsn) {
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_param);
+    }
+
     ctx->tpool = ngx_create_pool(1024, c->log);
     if (ctx->tpool == NULL) {
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
@@ -904,7 +941,8 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 
     /* the line for the backend: parameters are added per backend */
 
-    p = ngx_pnalloc(ctx->tpool, sizeof("MAIL FROM:<>") - 1 + cmd->path.len);
+    p = ngx_pnalloc(ctx->tpool, sizeof("MAIL FROM:<>") - 1 + cmd->path.len
+                                + 2 + cmd->dsn[0].len + cmd->dsn[1].len);
     if (p == NULL) {
         ngx_destroy_pool(ctx->tpool);
         ctx->tpool = NULL;
@@ -918,6 +956,23 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     p = ngx_cpymem(p, cmd->path.data, cmd->path.len);
     *p++ = '>';
     ctx->mail_cmd.len = p - ctx->mail_cmd.data;
+
+    /* RET= and ENVID=, verbatim for a backend that lists DSN */
+
+    ctx->mail_dsn.data = p;
+
+    if (cmd->dsn[0].len) {
+        *p++ = ' ';
+        p = ngx_cpymem(p, cmd->dsn[0].data, cmd->dsn[0].len);
+    }
+
+    if (cmd->dsn[1].len) {
+        *p++ = ' ';
+        p = ngx_cpymem(p, cmd->dsn[1].data, cmd->dsn[1].len);
+    }
+
+    ctx->mail_dsn.len = p - ctx->mail_dsn.data;
+    ctx->utf8_env = cmd->utf8_path;
 
     ctx->size = cmd->size;
     ctx->body8 = (cmd->body == NGX_SMTP_BODY_8BITMIME);
@@ -936,6 +991,7 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 static ngx_int_t
 ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 {
+    u_char                        *p;
     ngx_int_t                      rc;
     ngx_str_t                     *rcpt;
     ngx_mail_smtp_ext_ctx_t       *ctx;
@@ -956,12 +1012,16 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_too_many);
     }
 
+    if ((cmd->dsn[0].len || cmd->dsn[1].len) && !sscf->dsn) {
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_param);
+    }
+
     ctx->rcpts_tried++;
 
     /* one copy for the recipient under way: refusals cost no memory */
 
     if (ctx->rcpt_buf == NULL) {
-        ctx->rcpt_buf = ngx_pnalloc(ctx->tpool, NGX_SMTP_MAX_LINE);
+        ctx->rcpt_buf = ngx_pnalloc(ctx->tpool, 2 * NGX_SMTP_MAX_LINE);
         if (ctx->rcpt_buf == NULL) {
             return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
         }
@@ -971,6 +1031,24 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     rcpt->len = ngx_min(cmd->path.len, NGX_SMTP_MAX_LINE);
     rcpt->data = ctx->rcpt_buf;
     ngx_memcpy(rcpt->data, cmd->path.data, rcpt->len);
+
+    /* NOTIFY= and ORCPT= after it: both fit, the line had 512 octets */
+
+    p = ctx->rcpt_buf + NGX_SMTP_MAX_LINE;
+    ctx->rcpt_dsn.data = p;
+
+    if (cmd->dsn[0].len) {
+        *p++ = ' ';
+        p = ngx_cpymem(p, cmd->dsn[0].data, cmd->dsn[0].len);
+    }
+
+    if (cmd->dsn[1].len) {
+        *p++ = ' ';
+        p = ngx_cpymem(p, cmd->dsn[1].data, cmd->dsn[1].len);
+    }
+
+    ctx->rcpt_dsn.len = p - ctx->rcpt_dsn.data;
+    ctx->rcpt_utf8 = cmd->utf8_path;
 
     ctx->pending_rcpt = rcpt;
     ctx->pending_route = NULL;
@@ -1010,9 +1088,7 @@ ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s)
     }
 
     if (ngx_mail_smtp_ext_relay_usable(s, pool)) {
-        ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
-        ngx_mail_smtp_ext_relay_rcpt(s, ctx->pending_rcpt);
-        return NGX_AGAIN;
+        return ngx_mail_smtp_ext_rcpt_send(s);
     }
 
     ngx_mail_smtp_ext_relay_close(s, 1);
@@ -1027,6 +1103,41 @@ ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s)
     }
 
     ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_OPEN);
+
+    return NGX_AGAIN;
+}
+
+
+/*
+ * The backend is ready for the recipient.  A transaction with a UTF-8
+ * address or an 8-bit body never goes to a backend that cannot take it
+ * (RFC 6531 3.4, RFC 6152 3): such a recipient is refused.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_rcpt_send(ngx_mail_session_t *s)
+{
+    ngx_uint_t                caps;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    caps = ngx_mail_smtp_ext_relay_caps(s);
+
+    if ((ctx->utf8_env || ctx->rcpt_utf8)
+        && !(caps & NGX_SMTP_CAP_SMTPUTF8))
+    {
+        ctx->last_code = 553;
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_utf8);
+    }
+
+    if (ctx->body8 && !(caps & NGX_SMTP_CAP_8BITMIME)) {
+        ctx->last_code = 554;
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_no_8bit);
+    }
+
+    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
+    ngx_mail_smtp_ext_relay_rcpt(s, ctx->pending_rcpt);
 
     return NGX_AGAIN;
 }
@@ -1364,9 +1475,11 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
             break;
         }
 
-        ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_RCPT);
-        ngx_mail_smtp_ext_relay_rcpt(s, ctx->pending_rcpt);
-        return;
+        if (ngx_mail_smtp_ext_rcpt_send(s) == NGX_AGAIN) {
+            return;
+        }
+
+        break;
 
     case NGX_SMTP_EXT_STEP_RCPT:
         if (rc != NGX_OK) {
@@ -1378,6 +1491,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
         if (code / 100 == 2) {
             ctx->rcpts++;
             ctx->route = ctx->pending_route;
+            ctx->utf8_env |= ctx->rcpt_utf8;
         }
 
         ngx_mail_smtp_ext_out_backend(s, reply, len);

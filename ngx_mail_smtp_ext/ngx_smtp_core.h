@@ -118,6 +118,15 @@ typedef struct {
     off_t                   size;       /* SIZE=, -1 if absent */
     ngx_smtp_str_t          auth;       /* AUTH= value, raw xtext
                                            (7-bit, not decoded) */
+    /* DSN (RFC 3461): values as sent, checked; the glue decides */
+    ngx_smtp_str_t          dsn[2];     /* "RET=.." and "ENVID=.." of
+                                           MAIL, "NOTIFY=.." and
+                                           "ORCPT=.." of RCPT, as sent */
+
+    /* BDAT n [LAST] (RFC 3030) */
+    off_t                   chunk;
+    unsigned                last:1;
+
     unsigned                body:2;     /* NGX_SMTP_BODY_* */
     unsigned                smtputf8:1;
     unsigned                utf8_path:1;  /* path has octets >= 0x80 */
@@ -157,8 +166,14 @@ typedef struct {
  *   "[...]" of printable octets other than "[", "\\" and "]".  Text right
  *   after ">" without a space is a syntax error.
  *   MAIL parameters: SIZE=digits (1 to 20), BODY=7BIT|8BITMIME,
- *   SMTPUTF8 (no value), AUTH=xtext (7-bit).  RCPT parameters: none.
+ *   SMTPUTF8 (no value), AUTH=xtext (7-bit), RET=FULL|HDRS and
+ *   ENVID=xtext (up to 100 octets).  RCPT parameters: NOTIFY=NEVER or a
+ *   list of SUCCESS, FAILURE, DELAY, and ORCPT=addr-type;xtext (RFC
+ *   3461).  A bad RET, ENVID, NOTIFY or ORCPT value is NGX_SMTP_E_SYNTAX
+ *   (501); the DSN parameters, as they came, are in cmd->dsn[].
  *   Each may appear once; keywords and BODY values are caseless.
+ *   BDAT takes a chunk size (1 to 18 digits) and an optional LAST;
+ *   anything else is NGX_SMTP_E_SYNTAX, and then cmd->chunk is -1.
  *   An 8-bit RCPT path only sets utf8_path: SMTPUTF8 belongs to the
  *   transaction, the glue decides.
  *   DATA, RSET, QUIT, STARTTLS take no argument (501 otherwise); NOOP,

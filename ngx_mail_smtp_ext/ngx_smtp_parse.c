@@ -31,6 +31,12 @@ static int ngx_smtp_parse_path_cmd(ngx_smtp_cmd_t *cmd, u_char *p,
 static int ngx_smtp_parse_path(ngx_smtp_cmd_t *cmd, u_char **pp,
     u_char *last, int mail);
 static int ngx_smtp_parse_domain(u_char **pp, u_char *last);
+static int ngx_smtp_parse_bdat(ngx_smtp_cmd_t *cmd);
+static int ngx_smtp_parse_rcpt_params(ngx_smtp_cmd_t *cmd, u_char *p,
+    u_char *last);
+static int ngx_smtp_xtext_valid(u_char *p, size_t len);
+static void ngx_smtp_dsn_add(ngx_smtp_cmd_t *cmd, unsigned i, u_char *kw,
+    u_char *end);
 static int ngx_smtp_parse_params(ngx_smtp_cmd_t *cmd, u_char *p,
     u_char *last);
 static int ngx_smtp_parse_auth(ngx_smtp_cmd_t *cmd);
@@ -106,6 +112,7 @@ ngx_smtp_parse_command(u_char *line, size_t len, ngx_smtp_cmd_t *cmd)
 
     memset(cmd, 0, sizeof(ngx_smtp_cmd_t));
     cmd->size = -1;
+    cmd->chunk = -1;
 
     p = line;
     last = line + len;
@@ -167,8 +174,11 @@ ngx_smtp_parse_command(u_char *line, size_t len, ngx_smtp_cmd_t *cmd)
     case NGX_SMTP_CMD_AUTH:
         return ngx_smtp_parse_auth(cmd);
 
+    case NGX_SMTP_CMD_BDAT:
+        return ngx_smtp_parse_bdat(cmd);
+
     default:
-        /* NOOP, VRFY, HELP, and EXPN and BDAT that the glue refuses */
+        /* NOOP, VRFY, HELP, and EXPN that the glue refuses */
         return NGX_SMTP_OK;
     }
 }
@@ -231,7 +241,7 @@ ngx_smtp_parse_path_cmd(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last,
 
     if (!mail) {
         /* the SMTPUTF8 decision belongs to the transaction: the glue's */
-        return cmd->params.len ? NGX_SMTP_E_PARAM : NGX_SMTP_OK;
+        return ngx_smtp_parse_rcpt_params(cmd, p, last);
     }
 
     rc = ngx_smtp_parse_params(cmd, p, last);
@@ -452,9 +462,11 @@ ngx_smtp_parse_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
     u_char    *kw, *val, *q;
     size_t     kwlen, vlen;
     off_t      size;
-    unsigned   has_val, seen_auth;
+    unsigned   has_val, seen_auth, seen_ret, seen_envid;
 
     seen_auth = 0;
+    seen_ret = 0;
+    seen_envid = 0;
 
     while (p < last) {
         kw = p;
@@ -545,10 +557,251 @@ ngx_smtp_parse_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
             cmd->auth.data = val;
             cmd->auth.len = vlen;
 
+        } else if (kwlen == 3 && ngx_smtp_caseless_eq(kw, "ret", 3)) {
+
+            if (seen_ret) {
+                return NGX_SMTP_E_PARAM;
+            }
+
+            if (!(vlen == 4 && ngx_smtp_caseless_eq(val, "full", 4))
+                && !(vlen == 4 && ngx_smtp_caseless_eq(val, "hdrs", 4)))
+            {
+                return NGX_SMTP_E_SYNTAX;
+            }
+
+            seen_ret = 1;
+            ngx_smtp_dsn_add(cmd, 0, kw, val + vlen);
+
+        } else if (kwlen == 5 && ngx_smtp_caseless_eq(kw, "envid", 5)) {
+
+            if (seen_envid) {
+                return NGX_SMTP_E_PARAM;
+            }
+
+            if (vlen == 0 || vlen > 100 || !ngx_smtp_xtext_valid(val, vlen)) {
+                return NGX_SMTP_E_SYNTAX;
+            }
+
+            seen_envid = 1;
+            ngx_smtp_dsn_add(cmd, 1, kw, val + vlen);
+
         } else {
             return NGX_SMTP_E_PARAM;
         }
     }
+
+    return NGX_SMTP_OK;
+}
+
+
+/* RCPT: NOTIFY= and ORCPT= only (RFC 3461 4.1, 4.2) */
+
+static int
+ngx_smtp_parse_rcpt_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
+{
+    u_char    *kw, *val, *q, *w;
+    size_t     kwlen, vlen;
+    unsigned   seen_notify, seen_orcpt, never, other;
+
+    seen_notify = 0;
+    seen_orcpt = 0;
+
+    while (p < last) {
+        kw = p;
+
+        while (p < last && *p != ' ' && *p != '=') {
+            p++;
+        }
+
+        kwlen = p - kw;
+        val = NULL;
+        vlen = 0;
+
+        if (p < last && *p == '=') {
+            p++;
+            val = p;
+
+            while (p < last && *p != ' ') {
+                p++;
+            }
+
+            vlen = p - val;
+        }
+
+        while (p < last && *p == ' ') {
+            p++;
+        }
+
+        if (kwlen == 6 && ngx_smtp_caseless_eq(kw, "notify", 6)) {
+
+            if (seen_notify) {
+                return NGX_SMTP_E_PARAM;
+            }
+
+            if (vlen == 0) {
+                return NGX_SMTP_E_SYNTAX;
+            }
+
+            /* NEVER alone, or a list of SUCCESS, FAILURE, DELAY */
+
+            never = 0;
+            other = 0;
+
+            for (q = val; q < val + vlen; q = w + 1) {
+                for (w = q; w < val + vlen && *w != ','; w++) {
+                    /* void */
+                }
+
+                if (w - q == 5 && ngx_smtp_caseless_eq(q, "never", 5)) {
+                    never++;
+
+                } else if ((w - q == 7 && ngx_smtp_caseless_eq(q, "success", 7))
+                           || (w - q == 7
+                               && ngx_smtp_caseless_eq(q, "failure", 7))
+                           || (w - q == 5
+                               && ngx_smtp_caseless_eq(q, "delay", 5)))
+                {
+                    other++;
+
+                } else {
+                    return NGX_SMTP_E_SYNTAX;
+                }
+
+                if (w == val + vlen - 1) {
+                    /* a trailing comma */
+                    return NGX_SMTP_E_SYNTAX;
+                }
+            }
+
+            if ((never && (other || never > 1)) || other > 3) {
+                return NGX_SMTP_E_SYNTAX;
+            }
+
+            seen_notify = 1;
+            ngx_smtp_dsn_add(cmd, 0, kw, val + vlen);
+
+        } else if (kwlen == 5 && ngx_smtp_caseless_eq(kw, "orcpt", 5)) {
+
+            if (seen_orcpt) {
+                return NGX_SMTP_E_PARAM;
+            }
+
+            /* addr-type ";" xtext: the type is an atom */
+
+            q = val;
+
+            while (q < val + vlen
+                   && (ngx_smtp_alpha(*q) || ngx_smtp_digit(*q) || *q == '-'))
+            {
+                q++;
+            }
+
+            if (vlen == 0 || q == val || q == val + vlen || *q != ';'
+                || q + 1 == val + vlen || vlen > 500
+                || !ngx_smtp_xtext_valid(q + 1, val + vlen - (q + 1)))
+            {
+                return NGX_SMTP_E_SYNTAX;
+            }
+
+            seen_orcpt = 1;
+            ngx_smtp_dsn_add(cmd, 1, kw, val + vlen);
+
+        } else {
+            return NGX_SMTP_E_PARAM;
+        }
+    }
+
+    return NGX_SMTP_OK;
+}
+
+
+/*
+ * xtext (RFC 3461 4): printable ASCII but "+" and "=", and "+" with two
+ * upper-case hex digits
+ */
+
+static int
+ngx_smtp_xtext_valid(u_char *p, size_t len)
+{
+    size_t  i;
+
+    for (i = 0; i < len; i++) {
+
+        if (p[i] == '+') {
+            if (i + 2 >= len
+                || !((p[i + 1] >= '0' && p[i + 1] <= '9')
+                     || (p[i + 1] >= 'A' && p[i + 1] <= 'F'))
+                || !((p[i + 2] >= '0' && p[i + 2] <= '9')
+                     || (p[i + 2] >= 'A' && p[i + 2] <= 'F')))
+            {
+                return 0;
+            }
+
+            i += 2;
+            continue;
+        }
+
+        if (p[i] < '!' || p[i] > '~' || p[i] == '=') {
+            return 0;
+        }
+    }
+
+    return 1;
+}
+
+
+/* a DSN parameter as it came, "KEYWORD=value" */
+
+static void
+ngx_smtp_dsn_add(ngx_smtp_cmd_t *cmd, unsigned i, u_char *kw, u_char *end)
+{
+    cmd->dsn[i].data = kw;
+    cmd->dsn[i].len = end - kw;
+}
+
+
+/* "BDAT" SP chunk-size [SP "LAST"] (RFC 3030 2) */
+
+static int
+ngx_smtp_parse_bdat(ngx_smtp_cmd_t *cmd)
+{
+    u_char  *p, *last;
+    off_t    n;
+    size_t   digits;
+
+    p = cmd->arg.data;
+    last = p + cmd->arg.len;
+    n = 0;
+
+    for (digits = 0; p < last && ngx_smtp_digit(*p); p++, digits++) {
+        if (digits == 18) {
+            return NGX_SMTP_E_SYNTAX;
+        }
+
+        n = n * 10 + (*p - '0');
+    }
+
+    if (digits == 0) {
+        return NGX_SMTP_E_SYNTAX;
+    }
+
+    if (p < last) {
+        if (*p != ' ') {
+            return NGX_SMTP_E_SYNTAX;
+        }
+
+        while (p < last && *p == ' ') {
+            p++;
+        }
+
+        if (last - p != 4 || !ngx_smtp_caseless_eq(p, "last", 4)) {
+            return NGX_SMTP_E_SYNTAX;
+        }
+
+        cmd->last = 1;
+    }
+
+    cmd->chunk = n;
 
     return NGX_SMTP_OK;
 }

@@ -188,6 +188,7 @@ typedef struct {
 #define UNK   NGX_SMTP_E_UNKNOWN
 #define SYN   NGX_SMTP_E_SYNTAX
 #define PAR   NGX_SMTP_E_PARAM
+#define OK    NGX_SMTP_OK
 #define UTF   NGX_SMTP_E_UTF8
 #define MAIL  NGX_SMTP_CMD_MAIL
 #define RCPT  NGX_SMTP_CMD_RCPT
@@ -235,6 +236,15 @@ static cmd_test_t  cmd_tests[] = {
     C_OK("VRFY", NGX_SMTP_CMD_VRFY, ""),
     C_OK("EXPN list", NGX_SMTP_CMD_EXPN, "list"),
     C_OK("BDAT 100 LAST", NGX_SMTP_CMD_BDAT, "100 LAST"),
+    C_OK("BDAT 0 last", NGX_SMTP_CMD_BDAT, "0 last"),
+    C_OK("BDAT 4096", NGX_SMTP_CMD_BDAT, "4096"),
+    C_RC("BDAT", SYN),
+    C_RC("BDAT x", SYN),
+    C_RC("BDAT -1", SYN),
+    C_RC("BDAT 10 LASTX", SYN),
+    C_RC("BDAT 10 LAST more", SYN),
+    C_RC("BDAT 10x", SYN),
+    C_RC("BDAT 1234567890123456789", SYN),
 
     C_OK("AUTH PLAIN", NGX_SMTP_CMD_AUTH, "PLAIN"),
     C_OK("auth login", NGX_SMTP_CMD_AUTH, "login"),
@@ -342,7 +352,15 @@ static cmd_test_t  cmd_tests[] = {
     C_RC("MAIL FROM:<a@b> AUTH=\xc3\xa9", PAR),
     C_RC("MAIL FROM:<a@b> FOO=bar", PAR),
     C_RC("MAIL FROM:<a@b> =bar", PAR),
-    C_RC("MAIL FROM:<a@b> RET=HDRS", PAR),
+    C_RC("MAIL FROM:<a@b> RET=HDRS", OK),
+    C_RC("MAIL FROM:<a@b> RET=full ENVID=QQ314159", OK),
+    C_RC("MAIL FROM:<a@b> RET=SOME", SYN),
+    C_RC("MAIL FROM:<a@b> RET=FULL RET=HDRS", PAR),
+    C_RC("MAIL FROM:<a@b> ENVID=a+2Bb", OK),
+    C_RC("MAIL FROM:<a@b> ENVID=a+2b", SYN),
+    C_RC("MAIL FROM:<a@b> ENVID=a=b", SYN),
+    C_RC("MAIL FROM:<a@b> ENVID=a+2", SYN),
+    C_RC("MAIL FROM:<a@b> ENVID=", SYN),
 
     /* 8-bit addresses */
     C_RC("MAIL FROM:<j\xc3\xb6" "e@b>", UTF),
@@ -372,7 +390,22 @@ static cmd_test_t  cmd_tests[] = {
     C_RC("RCPT TO:", SYN),
     C_RC("RCPT TO:a@b", SYN),
     C_RC("RCPT", SYN),
-    C_RC("RCPT TO:<a@b> NOTIFY=NEVER", PAR),
+    C_RC("RCPT TO:<a@b> NOTIFY=NEVER", OK),
+    C_RC("RCPT TO:<a@b> NOTIFY=SUCCESS,FAILURE,DELAY", OK),
+    C_RC("RCPT TO:<a@b> notify=failure,delay ORCPT=rfc822;a@b", OK),
+    C_RC("RCPT TO:<a@b> NOTIFY=NEVER,SUCCESS", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=NEVER,NEVER", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=SUCCESS,", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=,SUCCESS", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=SOMETIMES", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=", SYN),
+    C_RC("RCPT TO:<a@b> NOTIFY=DELAY NOTIFY=DELAY", PAR),
+    C_RC("RCPT TO:<a@b> ORCPT=rfc822;a+40b", OK),
+    C_RC("RCPT TO:<a@b> ORCPT=rfc822", SYN),
+    C_RC("RCPT TO:<a@b> ORCPT=;a@b", SYN),
+    C_RC("RCPT TO:<a@b> ORCPT=rfc822;", SYN),
+    C_RC("RCPT TO:<a@b> ORCPT=rfc822;a=b", SYN),
+    C_RC("RCPT TO:<a@b> FOO=BAR", PAR),
     C_RC("RCPT TO:<a@b> AUTH=<>", PAR),
     C_RC("RCPT TO:<a@b> SMTPUTF8", PAR),
 
@@ -792,6 +825,50 @@ test_shorten_reply(void)
     check_shorten("250 ok\r\n", 64, "250 2.0.0 ok\r\n", __LINE__);
     check_shorten("250-a\r\n250 b\r\n", 32, "250-2.0.0 a\r\n250 2.0.0 b\r\n",
                   __LINE__);
+}
+
+
+static void
+test_dsn_bdat(void)
+{
+    int             rc;
+    u_char          buf[128];
+    ngx_smtp_cmd_t  cmd;
+
+#define PARSE(l)                                                              \
+    memcpy(buf, l, sizeof(l) - 1);                                            \
+    rc = ngx_smtp_parse_command(buf, sizeof(l) - 1, &cmd)
+
+#define STR_IS(s, v)                                                          \
+    ((s).len == sizeof(v) - 1 && memcmp((s).data, v, (s).len) == 0)
+
+    PARSE("MAIL FROM:<a@b> ENVID=x+2By SIZE=10 RET=HDRS");
+    CHECK(rc == NGX_SMTP_OK && STR_IS(cmd.dsn[0], "RET=HDRS")
+          && STR_IS(cmd.dsn[1], "ENVID=x+2By") && cmd.size == 10,
+          "MAIL: the DSN parameters as sent, SIZE apart");
+
+    PARSE("MAIL FROM:<a@b> SIZE=10");
+    CHECK(rc == NGX_SMTP_OK && cmd.dsn[0].len == 0 && cmd.dsn[1].len == 0,
+          "MAIL: no DSN parameters");
+
+    PARSE("RCPT TO:<a@b> ORCPT=rfc822;a@b NOTIFY=DELAY");
+    CHECK(rc == NGX_SMTP_OK && STR_IS(cmd.dsn[0], "NOTIFY=DELAY")
+          && STR_IS(cmd.dsn[1], "ORCPT=rfc822;a@b"),
+          "RCPT: NOTIFY and ORCPT as sent");
+
+    PARSE("BDAT 0 LAST");
+    CHECK(rc == NGX_SMTP_OK && cmd.chunk == 0 && cmd.last, "BDAT 0 LAST");
+
+    PARSE("BDAT  1234567890123456789");
+    CHECK(rc == NGX_SMTP_E_SYNTAX && cmd.chunk == -1,
+          "BDAT: 19 digits are too many");
+
+    PARSE("BDAT 99999999999999999");
+    CHECK(rc == NGX_SMTP_OK && cmd.chunk == 99999999999999999LL && !cmd.last,
+          "BDAT: 17 digits");
+
+#undef PARSE
+#undef STR_IS
 }
 
 
@@ -1499,6 +1576,7 @@ main(void)
     test_copy_reply();
     test_shorten_reply();
     test_xtext();
+    test_dsn_bdat();
     test_data_vectors();
     test_data_random();
     test_data_big();
