@@ -364,6 +364,142 @@ invariants(const u_char *in, result_t *r, int reject)
 }
 
 
+/*
+ * BDAT as DATA: the same output however the input is split and whatever
+ * the room; the output is DATA whose only end of data is the last one,
+ * with no bare CR or LF, and unstuffed it is the input with its line ends
+ * made CRLF.
+ */
+
+static void
+check_bdat(const u_char *in, size_t n, int reject, off_t max, uint32_t seed,
+    size_t room)
+{
+    u_char           *o1, *o2, *p, *q, *un;
+    size_t            l1, l2, i, used, clen, ul;
+    uint32_t          s;
+    ngx_smtp_bdat_t   b1, b2;
+
+    o1 = malloc(4 * n + 8);
+    o2 = malloc(4 * n + 8 + room);
+
+    memset(&b1, 0, sizeof(b1));
+    b1.reject = reject;
+    b1.max_size = max;
+    b2 = b1;
+
+    l1 = ngx_smtp_bdat_convert(&b1, (u_char *) in, n, o1, 4 * n + 8, &used);
+
+    if (used != n) {
+        fail("bdat: input left with room enough");
+    }
+
+    l1 += ngx_smtp_bdat_end(&b1, o1 + l1);
+
+    s = seed;
+    l2 = 0;
+
+    for (i = 0; i < n; i += used) {
+        clen = 1 + rnd(&s) % 37;
+        clen = clen > n - i ? n - i : clen;
+        l2 += ngx_smtp_bdat_convert(&b2, (u_char *) in + i, clen, o2 + l2,
+                                    room, &used);
+        if (used == 0 && room >= NGX_SMTP_BDAT_GROWTH + 64) {
+            fail("bdat: no progress");
+        }
+    }
+
+    l2 += ngx_smtp_bdat_end(&b2, o2 + l2);
+
+    if (l1 != l2 || memcmp(o1, o2, l1) != 0 || b1.bare != b2.bare
+        || b1.too_big != b2.too_big || b1.size != b2.size
+        || b1.size != (off_t) n)
+    {
+        fail("bdat: the split or the room changes the result");
+    }
+
+    if (!b1.too_big && !(reject && b1.bare)) {
+
+        /* the end of data is the last 5 octets, and only there */
+
+        if (l1 < 3 || memcmp(o1 + l1 - 3, ".\r\n", 3) != 0) {
+            fail("bdat: no end of data");
+        }
+
+        for (p = o1; p + 5 <= o1 + l1 - 3; p++) {
+            if (memcmp(p, "\r\n.\r\n", 5) == 0) {
+                fail("bdat: an end of data before the end");
+            }
+        }
+
+        if (l1 >= 3 && (l1 == 3 ? 0 : memcmp(o1, ".\r\n", 3) == 0)) {
+            fail("bdat: an end of data at the start");
+        }
+
+        for (i = 0; i < l1; i++) {
+            if ((o1[i] == '\r' && (i + 1 == l1 || o1[i + 1] != '\n'))
+                || (o1[i] == '\n' && (i == 0 || o1[i - 1] != '\r')))
+            {
+                fail("bdat: a bare CR or LF in the output");
+            }
+        }
+
+        /* unstuffed, it is the input with CRLF line ends */
+
+        un = malloc(l1 + 1);
+        ul = 0;
+        q = o1;
+
+        while (q < o1 + l1 - 3) {
+            if (*q == '.' && (q == o1 || q[-1] == '\n')) {
+                q++;
+            }
+
+            while (q < o1 + l1 - 3 && *q != '\n') {
+                un[ul++] = *q++;
+            }
+
+            if (q < o1 + l1 - 3) {
+                un[ul++] = *q++;
+            }
+        }
+
+        for (i = 0, p = (u_char *) in; i < ul; i++) {
+            if (un[i] == '\r' && i + 1 < ul && un[i + 1] == '\n') {
+                /* CRLF: the input had CRLF, a bare CR or a bare LF */
+                if (p < in + n && *p == '\r') {
+                    p++;
+                    if (p < in + n && *p == '\n') {
+                        p++;
+                    }
+
+                } else if (p < in + n && *p == '\n') {
+                    p++;
+                }
+
+                i++;
+                continue;
+            }
+
+            if (p == in + n || *p != un[i]) {
+                fail("bdat: unstuffed output is not the input");
+            }
+
+            p++;
+        }
+
+        if (p != in + n) {
+            fail("bdat: input missing from the output");
+        }
+
+        free(un);
+    }
+
+    free(o1);
+    free(o2);
+}
+
+
 int
 LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -405,6 +541,8 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     model(in, n, reject, max, &ref);
 
     invariants(in, &one, reject);
+
+    check_bdat(in, n, reject, max, seed, room);
 
     if (!same(&one, &many)) {
         fail("random chunks differ from one chunk");

@@ -432,6 +432,44 @@ ngx_smtp_pw_scheme_e ngx_smtp_passwd_scheme(u_char *p, size_t len,
     ngx_smtp_str_t *rest);
 
 
+/*
+ * BDAT chunks (RFC 3030) as DATA for a backend without CHUNKING: the raw
+ * message octets become the DATA wire form.  A "." at a line start is
+ * doubled; every line ends in CRLF (a bare CR or LF becomes CRLF, or, in
+ * reject mode, sets bare and stops the output); so the output can never
+ * hold an end of data before the one ngx_smtp_bdat_end() writes.  size
+ * counts the octets received; past max_size too_big is set and output
+ * stops.
+ */
+typedef struct {
+    /* configuration, set before the first call */
+    off_t                   max_size;   /* 0: no limit */
+    unsigned                reject:1;
+
+    /* state: zero the rest before the first call */
+    unsigned                state;
+    off_t                   size;
+    unsigned                bare:1;
+    unsigned                too_big:1;
+} ngx_smtp_bdat_t;
+
+/* the most one input octet may write, and what the end may write */
+#define NGX_SMTP_BDAT_GROWTH        4
+#define NGX_SMTP_BDAT_END           5
+
+/*
+ * Converts [in, in + len) into out while out has NGX_SMTP_BDAT_GROWTH
+ * octets of room; *in_used tells how much input was taken.  Returns the
+ * octets written.  With out == NULL nothing is written (a check and a
+ * count, for a backend that takes the chunks as they are).
+ */
+size_t ngx_smtp_bdat_convert(ngx_smtp_bdat_t *b, u_char *in, size_t len,
+    u_char *out, size_t room, size_t *in_used);
+
+/* the end of the message: a CRLF if it lacks one, then ".\r\n" */
+size_t ngx_smtp_bdat_end(ngx_smtp_bdat_t *b, u_char *out);
+
+
 /* route targets (SPEC 4), as a Redis value gives them */
 
 #define NGX_SMTP_ROUTE_INVALID      0   /* empty, spaces, controls, ... */

@@ -436,3 +436,159 @@ ngx_smtp_data_eol(u_char *p, u_char *end)
 
     return p;
 }
+
+
+/* BDAT as DATA */
+
+#define NGX_SMTP_BDAT_LS   0    /* at a line start */
+#define NGX_SMTP_BDAT_TX   1    /* inside a line */
+#define NGX_SMTP_BDAT_CR   2    /* a CR, its LF not seen yet */
+
+
+size_t
+ngx_smtp_bdat_convert(ngx_smtp_bdat_t *b, u_char *in, size_t len,
+    u_char *out, size_t room, size_t *in_used)
+{
+    u_char    c, *p, *last, *o, *q, *stop;
+    unsigned  writing;
+
+    p = in;
+    last = in + len;
+    o = out;
+
+    for ( ;; ) {
+
+        writing = (out != NULL && !b->too_big && !(b->reject && b->bare));
+
+        if (p == last
+            || (writing && room - (size_t) (o - out) < NGX_SMTP_BDAT_GROWTH))
+        {
+            break;
+        }
+
+        if (b->max_size && b->size >= b->max_size && !b->too_big) {
+            b->too_big = 1;
+            continue;
+        }
+
+        c = *p;
+
+        if (b->state == NGX_SMTP_BDAT_CR) {
+
+            if (c == '\n') {
+                p++;
+                b->size++;
+                b->state = NGX_SMTP_BDAT_LS;
+
+                if (writing) {
+                    *o++ = '\r'; *o++ = '\n';
+                }
+
+                continue;
+            }
+
+            /* a bare CR: a line end; c starts the next line */
+
+            b->bare = 1;
+            b->state = NGX_SMTP_BDAT_LS;
+
+            if (writing && !b->reject) {
+                *o++ = '\r'; *o++ = '\n';
+            }
+
+            continue;
+        }
+
+        if (c == '\r') {
+            p++;
+            b->size++;
+            b->state = NGX_SMTP_BDAT_CR;
+            continue;
+        }
+
+        if (c == '\n') {
+            p++;
+            b->size++;
+            b->bare = 1;
+            b->state = NGX_SMTP_BDAT_LS;
+
+            if (writing && !b->reject) {
+                *o++ = '\r'; *o++ = '\n';
+            }
+
+            continue;
+        }
+
+        if (b->state == NGX_SMTP_BDAT_LS && c == '.') {
+            p++;
+            b->size++;
+            b->state = NGX_SMTP_BDAT_TX;
+
+            if (writing) {
+                *o++ = '.'; *o++ = '.';
+            }
+
+            continue;
+        }
+
+        /* a run of text up to the next CR or LF, within room and size */
+
+        stop = last;
+
+        if (writing && (size_t) (stop - p) > room - (o - out) - 2) {
+            stop = p + (room - (o - out) - 2);
+        }
+
+        if (b->max_size && !b->too_big && stop - p > b->max_size - b->size) {
+            stop = p + (b->max_size - b->size);
+        }
+
+        q = ngx_smtp_data_eol(p, stop);
+
+        if (q == p) {
+            /* the size limit falls here */
+            continue;
+        }
+
+        if (writing) {
+            memcpy(o, p, q - p);
+            o += q - p;
+        }
+
+        b->size += q - p;
+        b->state = NGX_SMTP_BDAT_TX;
+        p = q;
+    }
+
+    *in_used = p - in;
+
+    return o - out;
+}
+
+
+size_t
+ngx_smtp_bdat_end(ngx_smtp_bdat_t *b, u_char *out)
+{
+    u_char  *o;
+
+    o = out;
+
+    if (b->state == NGX_SMTP_BDAT_CR) {
+        /* a message that ends in a bare CR */
+        b->bare = 1;
+    }
+
+    if (b->too_big || (b->reject && b->bare)) {
+        return 0;
+    }
+
+    if (b->state != NGX_SMTP_BDAT_LS) {
+        *o++ = '\r'; *o++ = '\n';
+    }
+
+    *o++ = '.'; *o++ = '\r'; *o++ = '\n';
+
+    b->state = NGX_SMTP_BDAT_LS;
+
+    return o - out;
+}

@@ -872,6 +872,91 @@ test_dsn_bdat(void)
 }
 
 
+/* BDAT as DATA: one call and octet by octet give the same */
+
+static void
+check_bdat(const char *in, size_t len, int reject, off_t max,
+    const char *expect, int bare, int too_big, int line)
+{
+    size_t           i, n, used, total, elen;
+    u_char           out[1024], out2[1024];
+    ngx_smtp_bdat_t  b, b2;
+
+    memset(&b, 0, sizeof(b));
+    b.reject = reject;
+    b.max_size = max;
+
+    n = ngx_smtp_bdat_convert(&b, (u_char *) in, len, out, sizeof(out),
+                              &used);
+    n += ngx_smtp_bdat_end(&b, out + n);
+
+    memset(&b2, 0, sizeof(b2));
+    b2.reject = reject;
+    b2.max_size = max;
+    total = 0;
+
+    /* one octet at a time, through the least room allowed */
+
+    for (i = 0; i < len; i += used) {
+        total += ngx_smtp_bdat_convert(&b2, (u_char *) in + i, 1,
+                                       out2 + total,
+                                       NGX_SMTP_BDAT_GROWTH, &used);
+    }
+
+    total += ngx_smtp_bdat_end(&b2, out2 + total);
+
+    elen = strlen(expect);
+
+    if (n == elen && memcmp(out, expect, n) == 0
+        && total == n && memcmp(out2, out, n) == 0
+        && b.bare == bare && b.too_big == too_big
+        && b2.bare == b.bare && b2.too_big == b.too_big
+        && b.size == (off_t) len && b2.size == b.size)
+    {
+        passed++;
+
+    } else {
+        failed++;
+        printf("FAIL %s:%d: bdat \"%s\" gave \"%s\" / \"%s\" bare %d "
+               "too_big %d\n", __FILE__, line, show((u_char *) in, len),
+               show(out, n), show(out2, total), b.bare, b.too_big);
+    }
+}
+
+
+#define BDAT(in, rej, max, out, bare, big)                                    \
+    check_bdat(in, sizeof(in) - 1, rej, max, out, bare, big, __LINE__)
+
+
+static void
+test_bdat(void)
+{
+    BDAT("", 0, 0, ".\r\n", 0, 0);
+    BDAT("a\r\n", 0, 0, "a\r\n.\r\n", 0, 0);
+    BDAT("a", 0, 0, "a\r\n.\r\n", 0, 0);
+    BDAT(".\r\n", 0, 0, "..\r\n.\r\n", 0, 0);
+    BDAT("a\r\n.\r\nMAIL FROM:<x>\r\n", 0, 0,
+         "a\r\n..\r\nMAIL FROM:<x>\r\n.\r\n", 0, 0);
+    BDAT("..a\r\n", 0, 0, "...a\r\n.\r\n", 0, 0);
+    BDAT("a.b\r\n.c", 0, 0, "a.b\r\n..c\r\n.\r\n", 0, 0);
+
+    /* bare line ends: normalised, or flagged with output stopped (what
+       was written stays: the glue then never ends the message) */
+    BDAT("a\n.\nb", 0, 0, "a\r\n..\r\nb\r\n.\r\n", 1, 0);
+    BDAT("a\r.\rb", 0, 0, "a\r\n..\r\nb\r\n.\r\n", 1, 0);
+    BDAT("a\r", 0, 0, "a\r\n.\r\n", 1, 0);
+    BDAT("a\r\r\n", 0, 0, "a\r\n\r\n.\r\n", 1, 0);
+    BDAT("a\n.\nb", 1, 0, "a", 1, 0);
+    BDAT("a\r", 1, 0, "a", 1, 0);
+    BDAT("a\r\nb\r\n", 1, 0, "a\r\nb\r\n.\r\n", 0, 0);
+
+    /* size: counted as received, output stops past the limit */
+    BDAT("abcdef", 0, 6, "abcdef\r\n.\r\n", 0, 0);
+    BDAT("abcdefg", 0, 6, "abcdef", 0, 1);
+    BDAT("ab\r\ncdefg", 0, 6, "ab\r\ncd", 0, 1);
+}
+
+
 static void
 test_xtext(void)
 {
@@ -1577,6 +1662,7 @@ main(void)
     test_shorten_reply();
     test_xtext();
     test_dsn_bdat();
+    test_bdat();
     test_data_vectors();
     test_data_random();
     test_data_big();
