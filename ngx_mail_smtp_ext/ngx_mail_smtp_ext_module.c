@@ -234,6 +234,13 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       offsetof(ngx_mail_smtp_ext_srv_conf_t, dsn),
       NULL },
 
+    { ngx_string("smtp_ext_chunking"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_FLAG,
+      ngx_conf_set_flag_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, chunking),
+      NULL },
+
     { ngx_string("smtp_ext_min_data_rate"),
       NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
       ngx_conf_set_num_slot,
@@ -436,6 +443,7 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
     sscf->upstream_timeout = NGX_CONF_UNSET_MSEC;
     sscf->min_data_rate = NGX_CONF_UNSET_UINT;
     sscf->dsn = NGX_CONF_UNSET;
+    sscf->chunking = NGX_CONF_UNSET;
     sscf->bare_lf = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_limit = NGX_CONF_UNSET_UINT;
     sscf->auth_fail_window = NGX_CONF_UNSET;
@@ -509,6 +517,7 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
     ngx_conf_merge_value(conf->auth_fail_window, prev->auth_fail_window, 600);
     ngx_conf_merge_uint_value(conf->min_data_rate, prev->min_data_rate, 500);
     ngx_conf_merge_value(conf->dsn, prev->dsn, 0);
+    ngx_conf_merge_value(conf->chunking, prev->chunking, 1);
 
     if (conf->pass_name.data == NULL) {
         conf->pass_name = prev->pass_name;
@@ -615,7 +624,7 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
     ngx_mail_ssl_conf_t       *sslcf;
 #endif
     ngx_uint_t                 only;
-    u_char                     caps[NGX_OFF_T_LEN + 128];
+    u_char                     caps[NGX_OFF_T_LEN + 160];
     u_char                     auth[64];
     size_t                     auth_len;
 
@@ -682,9 +691,10 @@ ngx_mail_smtp_ext_build_replies(ngx_conf_t *cf,
                     "250-8BITMIME" CRLF
                     "250-ENHANCEDSTATUSCODES" CRLF
                     "250-SMTPUTF8" CRLF
-                    "%s",
+                    "%s%s",
                     conf->max_message_size,
-                    conf->dsn ? "250-DSN" CRLF : "");
+                    conf->dsn ? "250-DSN" CRLF : "",
+                    conf->chunking ? "250-CHUNKING" CRLF : "");
 
     caps_len = p - caps;
 

@@ -179,6 +179,8 @@ typedef struct {
     ngx_str_t                       upstream_tls_ciphers;
     ngx_flag_t                      upstream_tls_session_reuse;
 #endif
+
+    ngx_flag_t                      chunking;   /* smtp_ext_chunking */
 } ngx_mail_smtp_ext_srv_conf_t;
 
 
@@ -269,6 +271,17 @@ typedef struct {
     void                           *route_holds[NGX_MAIL_SMTP_EXT_HOLDS];
     ngx_uint_t                      route_nholds; /* run-time routes held */
     unsigned                        lookup_cleanup:1; /* c->pool hook set */
+
+    /* BDAT (ngx_mail_smtp_ext_body.c) */
+    ngx_smtp_bdat_t                 bdat;       /* size, bare, too_big */
+    off_t                           chunk;      /* the chunk's size */
+    off_t                           chunk_left; /* its octets still due */
+    ngx_str_t                       bdat_reply; /* DATA refused, in tpool */
+    unsigned                        bdat_tx:1;  /* BDAT in this transaction */
+    unsigned                        in_chunk:1; /* reading a chunk */
+    unsigned                        chunk_last:1;   /* the client's LAST */
+    unsigned                        bdat_relay:1;   /* backend takes BDAT */
+    unsigned                        bdat_final:1;   /* LAST or dot sent */
 } ngx_mail_smtp_ext_ctx_t;
 
 
@@ -291,6 +304,26 @@ ngx_str_t *ngx_mail_smtp_ext_not_ready(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_wait_lookup(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_lookup_done(ngx_mail_session_t *s, ngx_str_t *reply);
 void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
+/* for ngx_mail_smtp_ext_body.c */
+void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
+void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
+    size_t len);
+ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
+
+/*
+ * ngx_mail_smtp_ext_body.c: BDAT (RFC 3030).  Its backend steps, beside
+ * those session.c numbers from 1.
+ */
+#define NGX_MAIL_SMTP_EXT_STEP_BDAT     16  /* DATA for BDAT: its 354 */
+#define NGX_MAIL_SMTP_EXT_STEP_CHUNK    17  /* the reply to a chunk */
+#define NGX_MAIL_SMTP_EXT_STEP_BDAT_BODY 18 /* a blocked chunk write */
+
+ngx_int_t ngx_mail_smtp_ext_bdat(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
+ngx_int_t ngx_mail_smtp_ext_bdat_body(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_bdat_done(ngx_mail_session_t *s, ngx_uint_t step,
+    ngx_int_t rc, ngx_uint_t code, u_char *reply, size_t len);
 
 /* ngx_mail_smtp_ext_auth.c */
 ngx_int_t ngx_mail_smtp_ext_auth(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
@@ -350,6 +383,9 @@ ngx_int_t ngx_mail_smtp_ext_relay_body_span(ngx_mail_session_t *s,
     u_char *p, size_t len);
 ngx_uint_t ngx_mail_smtp_ext_relay_span_pending(ngx_mail_session_t *s);
 ngx_uint_t ngx_mail_smtp_ext_relay_caps(ngx_mail_session_t *s);
+/* a BDAT header for a backend that lists CHUNKING; the chunk follows */
+ngx_int_t ngx_mail_smtp_ext_relay_bdat(ngx_mail_session_t *s, off_t size,
+    ngx_uint_t last);
 ngx_uint_t ngx_mail_smtp_ext_relay_early_reply(ngx_mail_session_t *s,
     u_char **p, size_t *len);
 void ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s);

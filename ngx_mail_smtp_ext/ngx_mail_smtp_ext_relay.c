@@ -46,7 +46,8 @@ typedef enum {
     ngx_relay_cmds,
     ngx_relay_data,
     ngx_relay_body,
-    ngx_relay_dot
+    ngx_relay_dot,
+    ngx_relay_chunk         /* BDAT: between two chunks of a message */
 } ngx_mail_smtp_ext_relay_state_e;
 
 
@@ -110,6 +111,8 @@ struct ngx_mail_smtp_ext_relay_s {
     unsigned                           reply_cut:1;
     unsigned                           reusing:1;
     unsigned                           dsn_warned:1;
+    unsigned                           bdat:1;     /* the body as BDAT */
+    unsigned                           bdat_last:1;
 
     size_t                             reply_keep;
 
@@ -1313,6 +1316,29 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
             ngx_del_timer(c->read);
         }
 
+        if (r->bdat && !r->bdat_last) {
+            /* a chunk taken: the message goes on with the next one */
+
+            if (code / 100 != 2) {
+                r->fail_code = (code / 100 == 5) ? code : 0;
+                r->fail_len = r->fail_code
+                              ? ngx_smtp_shorten_reply(r->fail,
+                                                       NGX_RELAY_FAIL_MAX,
+                                                       p, len)
+                              : 0;
+
+                ngx_mail_smtp_ext_relay_fail(r, "refused a BDAT chunk", 0);
+                return;
+            }
+
+            r->state = ngx_relay_chunk;
+            r->last = 0;
+            ngx_mail_smtp_ext_relay_complete(r, NGX_OK, code, p, len);
+            return;
+        }
+
+        r->bdat = 0;
+
         ngx_mail_smtp_ext_relay_data_free(r);
 
         r->state = ngx_relay_idle;
@@ -2058,7 +2084,7 @@ ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s)
     }
 
     if (r->state == ngx_relay_body || r->state == ngx_relay_dot
-        || r->state == ngx_relay_data)
+        || r->state == ngx_relay_data || r->state == ngx_relay_chunk)
     {
         /* a message was started: only closing keeps it from the queue */
         ngx_mail_smtp_ext_relay_free(r);
@@ -2069,6 +2095,61 @@ ngx_mail_smtp_ext_relay_reset(ngx_mail_session_t *s)
         r->mail_sent = 0;
         r->need_rset = 1;
     }
+}
+
+
+/*
+ * BDAT for a backend that lists CHUNKING: the header goes into the body
+ * buffer, the session puts the chunk's octets after it and sends them
+ * with ngx_mail_smtp_ext_relay_body(), whose "last" awaits the reply to
+ * the chunk.  A chunk without LAST leaves the message open (state
+ * chunk); a reply then is unexpected and breaks the relay.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_relay_bdat(ngx_mail_session_t *s, off_t size,
+    ngx_uint_t last)
+{
+    u_char                     *buf;
+    ngx_mail_smtp_ext_ctx_t    *ctx;
+    ngx_mail_smtp_ext_relay_t  *r;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    r = ctx->relay;
+
+    if (r == NULL || r->broken || r->pc.connection == NULL || r->pending
+        || !r->mail_sent
+        || (r->state != ngx_relay_idle && r->state != ngx_relay_chunk)
+        || r->out->pos != r->out->last)
+    {
+        return NGX_ERROR;
+    }
+
+    if (r->data_out.start == NULL) {
+        buf = ngx_alloc(NGX_MAIL_SMTP_EXT_DATA_BUF, s->connection->log);
+        if (buf == NULL) {
+            return NGX_ERROR;
+        }
+
+        r->data_out.start = buf;
+        r->data_out.pos = buf;
+        r->data_out.last = buf;
+        r->data_out.end = buf + NGX_MAIL_SMTP_EXT_DATA_BUF;
+        r->data_out.temporary = 1;
+        r->out = &r->data_out;
+    }
+
+    r->out->last = ngx_sprintf(r->out->last, "BDAT %O%s" CRLF, size,
+                               last ? " LAST" : "");
+
+    r->bdat = 1;
+    r->bdat_last = last;
+    r->last = 0;
+    r->fail_len = 0;
+    r->fail_code = 0;
+    r->state = ngx_relay_body;
+
+    return NGX_OK;
 }
 
 

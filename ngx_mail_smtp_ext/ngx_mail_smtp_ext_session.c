@@ -69,6 +69,8 @@ static ngx_str_t  ngx_smtp_ext_need_mail = ngx_smtp_ext_reply(
     "503 5.5.1 Need MAIL before RCPT");
 static ngx_str_t  ngx_smtp_ext_need_mail_data = ngx_smtp_ext_reply(
     "503 5.5.1 Need MAIL before DATA");
+static ngx_str_t  ngx_smtp_ext_after_bdat = ngx_smtp_ext_reply(
+    "503 5.5.1 Error: BDAT transaction under way, send RSET");
 static ngx_str_t  ngx_smtp_ext_in_tls = ngx_smtp_ext_reply(
     "503 5.5.1 Already in TLS");
 static ngx_str_t  ngx_smtp_ext_need_tls = ngx_smtp_ext_reply(
@@ -120,26 +122,20 @@ static ngx_int_t ngx_mail_smtp_ext_data(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_body(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s);
-static void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_rcpt_send(ngx_mail_session_t *s);
-static void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s,
-    u_char *reply, size_t len);
-static void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
 static ngx_int_t ngx_mail_smtp_ext_flush(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_write_handler(ngx_event_t *wev);
 static void ngx_mail_smtp_ext_close(ngx_mail_session_t *s,
     ngx_str_t *reply);
 static void ngx_mail_smtp_ext_cleanup(void *data);
-static ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_linger(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_linger_handler(ngx_event_t *ev);
 static ngx_uint_t ngx_mail_smtp_ext_client_gone(ngx_mail_session_t *s);
-static ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
 
 
 void
@@ -379,7 +375,8 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
             break;
 
         case ngx_smtp_ext_data:
-            rc = ngx_mail_smtp_ext_body(s);
+            rc = ctx->in_chunk ? ngx_mail_smtp_ext_bdat_body(s)
+                               : ngx_mail_smtp_ext_body(s);
             break;
 
         default:
@@ -740,6 +737,10 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_syntax);
     }
 
+    if (cmd.cmd == NGX_SMTP_CMD_BDAT && sscf->chunking) {
+        return ngx_mail_smtp_ext_bdat(s, &cmd);
+    }
+
     if (cmd.cmd == NGX_SMTP_CMD_BDAT) {
         /*
          * CHUNKING is not offered: the chunk is read and dropped, under
@@ -1004,6 +1005,10 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_mail);
     }
 
+    if (ctx->bdat_tx) {
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_after_bdat);
+    }
+
     if (cmd->utf8_path && !ctx->smtputf8) {
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_utf8);
     }
@@ -1195,6 +1200,11 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
 
     if (!ctx->in_tx) {
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_need_mail_data);
+    }
+
+    if (ctx->bdat_tx) {
+        /* RFC 3030 3: the client must RSET; nothing reaches the backend */
+        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_after_bdat);
     }
 
     if (ctx->rcpts == 0) {
@@ -1422,7 +1432,7 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
  * the end of data, else 451.  Its connection is closed already.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s)
 {
     u_char                   *p;
@@ -1561,6 +1571,12 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
 
         break;
 
+    case NGX_MAIL_SMTP_EXT_STEP_BDAT:
+    case NGX_MAIL_SMTP_EXT_STEP_CHUNK:
+    case NGX_MAIL_SMTP_EXT_STEP_BDAT_BODY:
+        ngx_mail_smtp_ext_bdat_done(s, step, rc, code, reply, len);
+        break;
+
     default:
         ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
                       "smtp_ext: backend step done while none was pending");
@@ -1571,7 +1587,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
 }
 
 
-static void
+void
 ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
 {
     ngx_mail_smtp_ext_ctx_t  *ctx;
@@ -1589,7 +1605,7 @@ ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
  * while needed so that idle sessions stay small.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s)
 {
     size_t                    len;
@@ -1684,6 +1700,8 @@ ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
     ctx->pending_rcpt = NULL;
     ctx->rcpt_buf = NULL;
     ctx->data.size = 0;
+    ctx->bdat_tx = 0;
+    ctx->in_chunk = 0;
 
     if (ctx->tpool) {
         ngx_destroy_pool(ctx->tpool);
@@ -1799,7 +1817,7 @@ ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
  * middle of one.
  */
 
-static void
+void
 ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
     size_t len)
 {
@@ -1859,7 +1877,7 @@ ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
 }
 
 
-static void
+void
 ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step)
 {
     ngx_connection_t         *c;
