@@ -43,6 +43,7 @@ mail {
     server {
         listen 127.0.0.1:%%PORT_off%%;
         protocol smtp_ext;
+        smtp_ext_chunking off;
         smtp_ext_pass 127.0.0.1:%%PORT_b_plain%%;
     }
     server {

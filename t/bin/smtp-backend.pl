@@ -16,7 +16,7 @@
 #   DIR/msg-N-K.eml     the K-th message of connection N: the data between
 #                       the 354 and the terminating dot, still dot-stuffed,
 #                       exactly as received (the CRLF before ".CRLF" is part
-#                       of the message)
+#                       of the message); for BDAT the chunks' octets, joined
 #
 # Options:
 #   --port N              port on 127.0.0.1 (required)
@@ -91,6 +91,12 @@
 # STEP is greeting|ehlo|xclient|starttls|mail|rcpt|data|body|dot, where
 # "body" is the message data: the action happens once the first octets
 # after the 354 arrived.  "greeting" closes or resets before the greeting.
+#
+# BDAT n [LAST] (RFC 3030; list CHUNKING in --caps to offer it): the n
+# octets after the line are data; each chunk gets "250 2.0.0 n octets
+# received", LAST the --dot-reply; without MAIL or recipients the chunk is
+# refused (503, 554) and its octets dropped.  --close-in-data-after counts
+# chunk octets too.
 #
 # A reply TEXT may contain "\n" (backslash n) to make a multiline reply:
 # "250-first\n250 last".  A "PROXY ..." line is accepted silently as the
@@ -335,6 +341,9 @@ sub session {
     my $buf = '';
     my $closing = 0;
     my $frozen = 0;
+    my $bdat;           # the chunk being read: { n, left, last, skip }
+    my $bdat_tx = 0;
+    my $bdat_msg = '';
 
     # what this connection does, from the options or --chaos
     my %act = %cli_act;
@@ -531,6 +540,7 @@ sub session {
         $note->('dot after early reply') if $early_sent;
         $mail = 0;
         @rcpts = ();
+        $bdat_tx = 0;
         ($paused_until, $early_at, $early_sent) = (0, 0, 0);
         return if $stalled->('dot');
         my $r = $o{'dot-reply'};
@@ -720,7 +730,30 @@ sub session {
             return;
         }
 
+        if ($verb eq 'BDAT') {
+            my ($size, $last) = $arg =~ /^(\d+)(?:\s+(LAST))?\s*$/i;
+            if (!defined $size) {
+                $send->('501 5.5.4 Syntax: BDAT size [LAST]');
+                return;
+            }
+            if (!$mail || !@rcpts) {
+                $bdat = { n => $size, left => $size, skip => 1 };
+                $send->($mail ? '554 5.5.1 Error: no valid recipients'
+                    : '503 5.5.1 Error: need MAIL command');
+                return;
+            }
+            if (!$bdat_tx) {
+                $bdat_tx = 1;
+                $bdat_msg = '';
+                $data_bytes = 0;
+                $note->('bdat');
+            }
+            $bdat = { n => $size, left => $size, last => $last ? 1 : 0 };
+            return;
+        }
+
         if ($verb eq 'RSET') {
+            $bdat_tx = 0;
             $mail = 0;
             @rcpts = ();
             $send->('250 2.0.0 Ok');
@@ -743,6 +776,49 @@ sub session {
     # the protocol loop: consume $buf
     my $process = sub {
         for (;;) {
+            if ($bdat) {
+                my $take = length $buf;
+                $take = $bdat->{left} if $take > $bdat->{left};
+                my $limit = $o{'close-in-data-after'};
+                if (!$bdat->{skip} && defined $limit
+                    && $take > $limit - $data_bytes)
+                {
+                    $take = $limit - $data_bytes;
+                }
+                my $part = substr($buf, 0, $take, '');
+                $bdat->{left} -= $take;
+                if (!$bdat->{skip}) {
+                    $bdat_msg .= $part;
+                    $data_bytes += $take;
+                    if ($act{body} && $data_bytes > 0) {
+                        my $a = delete $act{body};
+                        $note->("$a->{action} at body after $data_bytes");
+                        $reset->() if $a->{action} eq 'rst';
+                        $finish->() if $a->{action} eq 'close';
+                        $frozen = 1 if $a->{action} eq 'stall';
+                    }
+                    if (defined $limit && $data_bytes >= $limit
+                        && $bdat->{left} > 0)
+                    {
+                        $note->("close in data after $data_bytes");
+                        $finish->();
+                    }
+                }
+                return if $bdat->{left} > 0;
+                my $b = $bdat;
+                $bdat = undef;
+                next if $b->{skip};
+                $note->("chunk $b->{n}" . ($b->{last} ? ' last' : ''));
+                if ($b->{last}) {
+                    my $m = $bdat_msg;
+                    $bdat_msg = '';
+                    $end_data->($m);
+                } else {
+                    $send->("250 2.0.0 $b->{n} octets received");
+                }
+                next;
+            }
+
             if ($in_data) {
                 my $take = length $buf;
                 if (defined $o{'close-in-data-after'}) {
