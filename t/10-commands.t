@@ -41,7 +41,7 @@ EOF
 
 my $ehlo = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n"
     . "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"
-    . "250 HELP\r\n";
+    . "250-CHUNKING\r\n250 HELP\r\n";
 
 sub session {
     my ($port) = @_;

@@ -47,7 +47,7 @@ EOF
 
 my $ehlo_tls = "250-mx.test\r\n250-PIPELINING\r\n250-SIZE 10485760\r\n"
     . "250-8BITMIME\r\n250-ENHANCEDSTATUSCODES\r\n250-SMTPUTF8\r\n"
-    . "250-STARTTLS\r\n250 HELP\r\n";
+    . "250-CHUNKING\r\n250-STARTTLS\r\n250 HELP\r\n";
 (my $ehlo_plain = $ehlo_tls) =~ s/250-STARTTLS\r\n//;
 
 sub deliver {
