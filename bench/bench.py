@@ -11,7 +11,10 @@ Every candidate relays to the same postfix smtp-sink on 127.0.0.1:
 
 Workloads (smtp-source): one 1 KiB message per new session, many 1 KiB
 messages per session, 100 KiB messages, and the memory of idle sessions
-after EHLO.  The stable figure is the CPU time (utime + stime from
+after EHLO.  bdat100k (smtp_ext only, not in the default set): 100 KiB
+messages in BDAT chunks of 16 KiB from this script's own client, to its
+own sink without CHUNKING (converted to DATA) and with it (BDAT), beside
+the same client sending DATA; CPU per MB of the nginx under test.  The stable figure is the CPU time (utime + stime from
 /proc) of the proxy's processes per 1000 messages, the median of
 BENCH_REPS interleaved repetitions; Redis and the auth_http server are
 counted apart.  Prints one table, writes bench/results/latest.txt and
@@ -22,6 +25,7 @@ Environment: SMTP_EXT_MODULE, NGINX_BIN, NGX_MAIL_MODULE,
 NGX_STREAM_MODULE, REDIS_SERVER, BENCH_REPS (3), BENCH_NEW_MSGS (10000),
 BENCH_SESSION_MSGS (40000), BENCH_BIG_MSGS (4000), BENCH_IDLE (2000),
 BENCH_CANDIDATES, BENCH_WORKLOADS (comma lists), BENCH_DOC (1),
+BENCH_BDAT_MSGS (2000), BENCH_BDAT_SESSIONS (20),
 BENCH_KEEP (keep the work directory).  Only 127.0.0.1 is used.
 """
 
@@ -114,11 +118,16 @@ def sel(name, allowed):
 
 
 CANDS = sel('BENCH_CANDIDATES', CANDIDATES)
-WLS = [w for w in WORKLOADS
-       if w[0] in sel('BENCH_WORKLOADS',
-                      [x[0] for x in WORKLOADS] + ['idle'])]
-DO_IDLE = 'idle' in sel('BENCH_WORKLOADS',
-                        [x[0] for x in WORKLOADS] + ['idle'])
+ALL_WLS = [x[0] for x in WORKLOADS] + ['idle', 'bdat100k']
+WLS = [w for w in WORKLOADS if w[0] in sel('BENCH_WORKLOADS', ALL_WLS)]
+DO_IDLE = 'idle' in sel('BENCH_WORKLOADS', ALL_WLS)
+# bdat100k only when asked for: the default set stays as it was
+DO_BDAT = 'bdat100k' in [x.strip() for x in
+                         (os.environ.get('BENCH_WORKLOADS') or '').split(',')]
+BDAT_MSGS = env_int('BENCH_BDAT_MSGS', 2000)
+BDAT_SESSIONS = env_int('BENCH_BDAT_SESSIONS', 20)
+BDAT_SIZE = 102400
+BDAT_CHUNK = 16384
 
 
 def log(msg):
@@ -433,6 +442,209 @@ def commands(ports):
     return lines
 
 
+# --- bdat100k: a BDAT client and a sink of our own ------------------------
+#
+# smtp-source and smtp-sink speak no BDAT.  Both sides below run as
+# processes of this script ("bench.py --bdat-sink ..." / "--bdat-client
+# ...") pinned like smtp-source and smtp-sink.
+
+def bdat_sink(port, chunking):
+    """a threaded SMTP sink: DATA and, with chunking, BDAT; drops it all"""
+    import threading
+
+    caps = b'250-sink\r\n250-PIPELINING\r\n250-8BITMIME\r\n'
+    if chunking:
+        caps += b'250-CHUNKING\r\n'
+    caps += b'250 ENHANCEDSTATUSCODES\r\n'
+
+    def conn(s):
+        buf = b''
+
+        def more():
+            nonlocal buf
+            d = s.recv(262144)
+            if not d:
+                raise EOFError
+            buf += d
+
+        try:
+            s.sendall(b'220 sink ESMTP\r\n')
+            while True:
+                while b'\r\n' not in buf:
+                    more()
+                line, buf = buf.split(b'\r\n', 1)
+                v = line[:4].upper()
+                if v == b'EHLO':
+                    s.sendall(caps)
+                elif v == b'DATA':
+                    s.sendall(b'354 go\r\n')
+                    buf = b'\r\n' + buf
+                    at = 0
+                    while True:
+                        i = buf.find(b'\r\n.\r\n', at)
+                        if i >= 0:
+                            buf = buf[i + 5:]
+                            break
+                        at = max(0, len(buf) - 4)
+                        more()
+                    s.sendall(b'250 2.0.0 Ok: queued\r\n')
+                elif v == b'BDAT':
+                    parts = line.split()
+                    n = int(parts[1])
+                    while len(buf) < n:
+                        more()
+                    buf = buf[n:]
+                    s.sendall(b'250 2.0.0 Ok: queued\r\n'
+                              if len(parts) > 2 else b'250 2.0.0 Ok\r\n')
+                elif v == b'QUIT':
+                    s.sendall(b'221 2.0.0 Bye\r\n')
+                    break
+                else:
+                    s.sendall(b'250 2.0.0 Ok\r\n')
+        except (EOFError, OSError):
+            pass
+        s.close()
+
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(('127.0.0.1', port))
+    ls.listen(1024)
+    while True:
+        s, _ = ls.accept()
+        threading.Thread(target=conn, args=(s,), daemon=True).start()
+
+
+def bdat_message():
+    body = b''
+    i = 0
+    while len(body) < BDAT_SIZE:
+        body += (b'line %06d ' % i) + b'x' * 66 + b'\r\n'
+        i += 1
+    return body[:BDAT_SIZE - 2] + b'\r\n'
+
+
+def bdat_client(port, mode, msgs, sessions):
+    """sessions in threads, msgs in all: BDAT chunks or DATA"""
+    import threading
+
+    body = bdat_message()
+    if mode == 'bdat':
+        chunks = [body[i:i + BDAT_CHUNK]
+                  for i in range(0, len(body), BDAT_CHUNK)]
+        wire = b''
+        for k, c in enumerate(chunks):
+            wire += b'BDAT %d%s\r\n' % (
+                len(c), b' LAST' if k == len(chunks) - 1 else b'') + c
+        nreplies = len(chunks)
+    else:
+        wire = body + b'.\r\n'
+        nreplies = 1
+    env = ('MAIL FROM:<%s>\r\nRCPT TO:<%s>\r\n' % (SENDER, RCPT)).encode()
+    errors = []
+
+    def run(n):
+        try:
+            s = socket.create_connection(('127.0.0.1', port), 10)
+            s.settimeout(60)
+            code, buf = read_reply(s, b'')
+            s.sendall(b'EHLO ' + HELO.encode() + b'\r\n')
+            code, buf = read_reply(s, buf)
+            for _ in range(n):
+                s.sendall(env + (b'DATA\r\n' if mode == 'data' else b''))
+                for _ in range(2):
+                    code, buf = read_reply(s, buf)
+                    if code[:1] != b'2':
+                        raise OSError('envelope %r' % code)
+                if mode == 'data':
+                    code, buf = read_reply(s, buf)
+                    if code != b'354':
+                        raise OSError('DATA %r' % code)
+                s.sendall(wire)
+                for _ in range(nreplies):
+                    code, buf = read_reply(s, buf)
+                    if code != b'250':
+                        raise OSError('message %r' % code)
+            s.sendall(b'QUIT\r\n')
+            read_reply(s, buf)
+            s.close()
+        except Exception as e:
+            errors.append(str(e))
+
+    per = [msgs // sessions + (1 if i < msgs % sessions else 0)
+           for i in range(sessions)]
+    ts = [threading.Thread(target=run, args=(n,)) for n in per if n]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if errors:
+        sys.exit('bdat client: %d sessions failed: %s'
+                 % (len(errors), errors[0]))
+
+
+def bdat_bench():
+    """bdat100k: returns the table rows"""
+    me = os.path.abspath(__file__)
+    ports = {k: free_port() for k in ('psink', 'csink', 'ext', 'bdat-ck')}
+    for name, ck in (('psink', 'plain'), ('csink', 'chunking')):
+        out = open(os.path.join(workdir, name + '.log'), 'w')
+        p = subprocess.Popen(pinned([sys.executable, me, '--bdat-sink',
+                                     str(ports[name]), ck], 1),
+                             stdout=out, stderr=subprocess.STDOUT)
+        procs.append(p)
+        wait_listen(ports[name], p, 'sink ' + name,
+                    os.path.join(workdir, name + '.log'))
+
+    ng = Nginx('ext-bdat', ports['ext'], ports)
+    ng.start()
+
+    cases = [
+        ('DATA, sink without CHUNKING', 'data', ports['ext']),
+        ('BDAT to DATA (no CHUNKING)', 'bdat', ports['ext']),
+        ('BDAT to BDAT (CHUNKING)', 'bdat', ports['bdat-ck']),
+    ]
+    runs = {}
+    for rep in range(REPS):
+        for label, mode, port in cases:
+            pp = ng.pids()
+            p0 = cpu_of(pp)
+            t0 = time.monotonic()
+            r = subprocess.run(
+                pinned([sys.executable, me, '--bdat-client', str(port),
+                        mode, str(BDAT_MSGS), str(BDAT_SESSIONS)], 1),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                timeout=RUN_TIMEOUT)
+            t = time.monotonic() - t0
+            if r.returncode != 0:
+                sys.exit('bench: bdat client failed:\n'
+                         + r.stdout.decode(errors='replace')[-2000:])
+            time.sleep(0.2)
+            p1 = cpu_of(pp)
+            mb = BDAT_MSGS * BDAT_SIZE / 1e6
+            ms_mb = (p1 - p0) * 1000.0 / TICK / mb
+            runs.setdefault(label, []).append((t, mb / t, ms_mb))
+            log('bdat100k %d/%d %-30s %6.2fs %7.1f MB/s cpu %.2f ms/MB'
+                % (rep + 1, REPS, label, t, mb / t, ms_mb))
+    ng.stop()
+
+    hdr = '%-10s %-32s %8s %7s %8s' % ('workload', 'smtp_ext, client -> '
+                                       'backend', 'msgs/s', 'MB/s', 'ms/MB')
+    rows = [hdr, '-' * len(hdr)]
+    for label, mode, port in cases:
+        rs = runs[label]
+        t = statistics.median(r[0] for r in rs)
+        rows.append('%-10s %-32s %8.0f %7.1f %8.2f' % (
+            'bdat100k', label, BDAT_MSGS / t,
+            statistics.median(r[1] for r in rs),
+            statistics.median(r[2] for r in rs)))
+    rows.append('')
+    rows.append('bdat100k: %d messages of %d octets, %d sessions; chunks of '
+                '%d octets; ms/MB: CPU of the nginx under test per MB of '
+                'payload, median of %d.' % (BDAT_MSGS, BDAT_SIZE,
+                                            BDAT_SESSIONS, BDAT_CHUNK, REPS))
+    return rows
+
+
 def main():
     global workdir
     signal.signal(signal.SIGTERM, on_signal)
@@ -458,6 +670,16 @@ def main():
 
     workdir = tempfile.mkdtemp(prefix='smtp-ext-bench-')
     os.chmod(workdir, 0o755)
+
+    bdat_rows = bdat_bench() if DO_BDAT else []
+    if bdat_rows:
+        print()
+        print('\n'.join(bdat_rows))
+        os.makedirs(RESULTS, exist_ok=True)
+        with open(os.path.join(RESULTS, 'bdat100k.txt'), 'w') as f:
+            f.write('\n'.join(bdat_rows) + '\n')
+        if not WLS and not DO_IDLE:
+            return
 
     ports = {k: free_port() for k in
              ('sink', 'redis', 'auth', 'ext-redis', 'ext', 'mail', 'stream')}
@@ -728,6 +950,17 @@ def write_doc(table, checks, notes, vers, cmds, now):
     with open(DOC, 'w') as f:
         f.write(new)
 
+
+if __name__ == '__main__' and len(sys.argv) > 1 \
+        and sys.argv[1] == '--bdat-sink':
+    bdat_sink(int(sys.argv[2]), sys.argv[3] == 'chunking')
+    sys.exit(0)
+
+if __name__ == '__main__' and len(sys.argv) > 1 \
+        and sys.argv[1] == '--bdat-client':
+    bdat_client(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
+                int(sys.argv[5]))
+    sys.exit(0)
 
 if __name__ == '__main__':
     main()
