@@ -138,6 +138,8 @@ static ngx_mail_smtp_ext_relay_t *ngx_mail_smtp_ext_relay_cached(
     ngx_mail_session_t *s, ngx_mail_smtp_ext_pool_t *pool);
 static void ngx_mail_smtp_ext_relay_set_log(ngx_mail_smtp_ext_relay_t *r,
     ngx_log_t *log);
+static ngx_uint_t ngx_mail_smtp_ext_relay_compatible(
+    ngx_mail_smtp_ext_relay_t *r, ngx_mail_smtp_ext_srv_conf_t *sscf);
 static void ngx_mail_smtp_ext_relay_cache_close(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t quit);
 static void ngx_mail_smtp_ext_relay_cache_handler(ngx_event_t *ev);
@@ -234,7 +236,23 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
 
     ctx->relay = r;
 
-    rc = ngx_mail_smtp_ext_relay_connect(r);
+    for ( ;; ) {
+        rc = ngx_mail_smtp_ext_relay_connect(r);
+
+        if (rc != NGX_BUSY || ngx_queue_empty(&pool->cache)) {
+            break;
+        }
+
+        /*
+         * Idle connections this server cannot take hold the peers'
+         * max_conns: the oldest one makes room.
+         */
+
+        ngx_mail_smtp_ext_relay_cache_close(
+            ngx_queue_data(ngx_queue_last(&pool->cache),
+                           ngx_mail_smtp_ext_relay_t, queue), 1);
+        r->tried = 0;
+    }
 
     if (rc != NGX_OK) {
         ngx_mail_smtp_ext_relay_free(r);
@@ -463,6 +481,22 @@ ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r, ngx_int_t rc,
 
     r->pending = 0;
 
+    /*
+     * Nothing more is asked of the backend now: octets it sent after
+     * this reply would be taken as the reply to the next command.  The
+     * connection goes; the reply at p stays readable (r->in is ours).
+     */
+
+    if (rc == NGX_OK && r->pc.connection && r->in->pos != r->in->last) {
+        ngx_log_error(NGX_LOG_ERR, r->session->connection->log, 0,
+                      "smtp_ext: backend %V sent more than it was asked",
+                      &r->peer->name);
+
+        ngx_mail_smtp_ext_relay_close_peer(r, 1);
+        r->broken = 1;
+        r->state = ngx_relay_idle;
+    }
+
     ngx_mail_smtp_ext_relay_done(r->session, rc, code, p, len);
 }
 
@@ -629,6 +663,11 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
 
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
+    if (sscf->proxy_protocol) {
+        /* a PROXY header belongs to a new connection: never a cached one */
+        return NULL;
+    }
+
     for (q = ngx_queue_head(&pool->cache);
          q != ngx_queue_sentinel(&pool->cache);
          q = next)
@@ -649,13 +688,7 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
          * a server that asks for it.
          */
 
-        if (r->sscf != sscf
-            && (r->sscf->upstream_tls != sscf->upstream_tls
-#if (NGX_MAIL_SSL)
-                || r->sscf->upstream_ssl != sscf->upstream_ssl
-#endif
-                || r->sscf->upstream_tls_verify != sscf->upstream_tls_verify))
-        {
+        if (!ngx_mail_smtp_ext_relay_compatible(r, sscf)) {
             continue;
         }
 
@@ -695,6 +728,45 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
     }
 
     return NULL;
+}
+
+
+/*
+ * Whether a server may take a connection another server made: the same
+ * XCLIENT policy (a server without XCLIENT would not replace the last
+ * client's identity), the same STARTTLS policy, and for a connection in
+ * TLS the same verification.
+ */
+
+static ngx_uint_t
+ngx_mail_smtp_ext_relay_compatible(ngx_mail_smtp_ext_relay_t *r,
+    ngx_mail_smtp_ext_srv_conf_t *sscf)
+{
+    ngx_mail_smtp_ext_srv_conf_t  *old;
+
+    old = r->sscf;
+
+    if (old == sscf) {
+        return 1;
+    }
+
+    if (old->xclient != sscf->xclient
+        || old->upstream_tls != sscf->upstream_tls
+        || old->upstream_tls_verify != sscf->upstream_tls_verify)
+    {
+        return 0;
+    }
+
+#if (NGX_MAIL_SSL)
+    if (r->tls && sscf->upstream_tls_verify
+        && old->upstream_ssl != sscf->upstream_ssl)
+    {
+        /* verified against another trust, or another name */
+        return 0;
+    }
+#endif
+
+    return 1;
 }
 
 
