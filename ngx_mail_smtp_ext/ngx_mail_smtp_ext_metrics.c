@@ -1585,7 +1585,8 @@ ngx_mail_smtp_ext_metrics_render(ngx_shm_zone_t *zone, ngx_pool_t *pool,
     ngx_smtp_ext_m_family(&o, "smtp_ext_build_info", "gauge",
                           "The module's and nginx's versions.");
     ngx_smtp_ext_m_printf(&o,
-                          "smtp_ext_build_info{version=\"%s\",nginx=\"%s\"} 1\n",
+                          "smtp_ext_build_info"
+                          "{version=\"%s\",nginx=\"%s\"} 1\n",
                           NGX_MAIL_SMTP_EXT_VERSION, NGINX_VERSION);
 
 #undef ngx_m_val
