@@ -765,6 +765,9 @@ ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s, ngx_int_t rc)
         break;
     }
 
+    ngx_mail_smtp_ext_metric_auth(s, reply == &ngx_smtp_ext_auth_ok ? NGX_OK
+                                     : reply == &ngx_smtp_ext_auth_failed
+                                       ? NGX_DECLINED : NGX_ERROR);
     ngx_mail_smtp_ext_auth_end(s);
     ngx_mail_smtp_ext_lookup_done(s, reply);
 }

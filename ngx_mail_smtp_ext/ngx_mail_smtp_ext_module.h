@@ -17,6 +17,7 @@
 #include "ngx_smtp_core.h"
 #include "ngx_mail_smtp_ext_redis.h"
 #include "ngx_mail_smtp_ext_passwd.h"
+#include "ngx_mail_smtp_ext_metrics.h"
 
 
 #define NGX_MAIL_SMTP_EXT_AUTH_PLAIN       0x02
@@ -269,6 +270,8 @@ typedef struct {
     void                           *route_holds[NGX_MAIL_SMTP_EXT_HOLDS];
     ngx_uint_t                      route_nholds; /* run-time routes held */
     unsigned                        lookup_cleanup:1; /* c->pool hook set */
+
+    void                           *metrics;    /* metrics.c, or NULL */
 } ngx_mail_smtp_ext_ctx_t;
 
 

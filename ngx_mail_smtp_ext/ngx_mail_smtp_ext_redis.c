@@ -18,6 +18,7 @@
 #include <hiredis/async.h>
 
 #include "ngx_mail_smtp_ext_redis.h"
+#include "ngx_mail_smtp_ext_metrics.h"
 
 
 #define NGX_MAIL_SMTP_EXT_REDIS_PORT          6379
@@ -1065,6 +1066,8 @@ ngx_mail_smtp_ext_redis_cmd_handler(redisAsyncContext *ac, void *r,
     }
 
     if (!req->done) {
+        ngx_mail_smtp_ext_metric_redis(req->failed ? NGX_SMTP_EXT_M_REDIS_ERROR
+                                                   : NGX_SMTP_EXT_M_REDIS_OK);
         ngx_mail_smtp_ext_redis_finish(req, !req->failed);
     }
 
@@ -1083,6 +1086,7 @@ ngx_mail_smtp_ext_redis_req_event(ngx_event_t *ev)
 
     if (req->fast) {
         /* posted: failed before anything was sent */
+        ngx_mail_smtp_ext_metric_redis(NGX_SMTP_EXT_M_REDIS_ERROR);
         ngx_mail_smtp_ext_redis_finish(req, 0);
         ngx_mail_smtp_ext_redis_release(req);
         return;
@@ -1092,6 +1096,7 @@ ngx_mail_smtp_ext_redis_req_event(ngx_event_t *ev)
                   "redis %V: request timed out", &srv->conf->name);
 
     /* late replies are ignored; the request is freed by the last one */
+    ngx_mail_smtp_ext_metric_redis(NGX_SMTP_EXT_M_REDIS_TIMEOUT);
     ngx_mail_smtp_ext_redis_finish(req, 0);
 
     if (++srv->timeouts >= NGX_MAIL_SMTP_EXT_REDIS_MAX_TIMEOUTS && srv->ac) {

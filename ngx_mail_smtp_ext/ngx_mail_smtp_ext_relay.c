@@ -937,7 +937,11 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
     rc = ngx_mail_smtp_ext_relay_flush(r);
 
     if (rc == NGX_ERROR) {
-        ngx_mail_smtp_ext_relay_error(r, "closed the connection");
+        ngx_mail_smtp_ext_relay_error(r,
+                               (!r->handshaked
+                                && ngx_socket_errno == NGX_ECONNREFUSED)
+                               ? "refused the connection"
+                               : "closed the connection");
         return;
     }
 
@@ -974,6 +978,15 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 
     c = r->pc.connection;
     progress = 0;
+
+#if (NGX_DEBUG)
+    if (r->out == r->cmd_out && r->out->pos < r->out->last) {
+        ngx_log_debug3(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                       "smtp_ext: to backend %V: %*s",
+                       r->peer ? &r->peer->name : &r->upstream->name,
+                       r->out->last - r->out->pos, r->out->pos);
+    }
+#endif
 
     /*
      * Body octets in the session's input buffer go first: both pieces in
@@ -1245,7 +1258,11 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
         }
 
         if (size == NGX_ERROR || size == 0) {
-            ngx_mail_smtp_ext_relay_error(r, "closed the connection");
+            ngx_mail_smtp_ext_relay_error(r,
+                               (size == NGX_ERROR && !r->handshaked
+                                && ngx_socket_errno == NGX_ECONNREFUSED)
+                               ? "refused the connection"
+                               : "closed the connection");
             return NGX_ERROR;
         }
 
@@ -1298,6 +1315,10 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
     ngx_connection_t  *c;
 
     c = r->pc.connection;
+
+    ngx_log_debug3(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                   "smtp_ext: from backend %V: %*s",
+                   r->peer ? &r->peer->name : &r->upstream->name, len, p);
 
     if (!r->handshaked) {
         ngx_mail_smtp_ext_relay_handshake(r, code, p, len);
