@@ -1116,6 +1116,19 @@ ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev)
 
         /* more replies wait: handle them after this one */
         ngx_post_event(rev, &ngx_posted_events);
+
+    } else if (rev->ready
+#if (NGX_HAVE_EPOLLRDHUP)
+               || rev->pending_eof
+#endif
+              )
+    {
+        /*
+         * The socket may hold more, or its end: with edge-triggered
+         * events nothing would tell us again (a backend that resets
+         * right after a reply).
+         */
+        ngx_post_event(rev, &ngx_posted_events);
     }
 
     /* the relay may be gone afterwards: touch nothing */

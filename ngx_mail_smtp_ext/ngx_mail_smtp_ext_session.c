@@ -509,7 +509,12 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
         return NGX_AGAIN;
     }
 
-    if (!c->read->ready) {
+    if (!c->read->ready
+#if (NGX_HAVE_EPOLLRDHUP)
+        && !c->read->pending_eof
+#endif
+       )
+    {
         return NGX_AGAIN;
     }
 
