@@ -20,27 +20,43 @@
 #include <hiredis/hiredis.h>
 
 
+/*
+ * The limits; fuzz/fuzz_redis.c is built with smaller ones (Makefile) so
+ * that its inputs reach them without megabytes of input.
+ */
+
 /* a string (bulk, status or error) longer than this is refused */
+#ifndef NGX_MAIL_SMTP_EXT_REDIS_MAX_STRING
 #define NGX_MAIL_SMTP_EXT_REDIS_MAX_STRING    (1024 * 1024)
+#endif
 
 /* an array announcing more elements is refused before any allocation */
+#ifndef NGX_MAIL_SMTP_EXT_REDIS_MAX_ELEMENTS
 #define NGX_MAIL_SMTP_EXT_REDIS_MAX_ELEMENTS  1024
+#endif
 
 /* arrays nested deeper are refused (a top-level array is depth 1) */
+#ifndef NGX_MAIL_SMTP_EXT_REDIS_MAX_DEPTH
 #define NGX_MAIL_SMTP_EXT_REDIS_MAX_DEPTH     8
+#endif
 
 /*
  * memory of one top-level reply: its strings plus the objects; a single
  * string of MAX_STRING fits, 1024 x 1024 octets does not
  */
-#define NGX_MAIL_SMTP_EXT_REDIS_MAX_REPLY     (1024 * 1024 + 64 * 1024)
+#ifndef NGX_MAIL_SMTP_EXT_REDIS_MAX_REPLY
+#define NGX_MAIL_SMTP_EXT_REDIS_MAX_REPLY                                    \
+    (NGX_MAIL_SMTP_EXT_REDIS_MAX_STRING + 64 * 1024)
+#endif
 
 /*
  * input the reader may hold without a complete item: hiredis buffers a
  * bulk string whole before createString sees it
  */
+#ifndef NGX_MAIL_SMTP_EXT_REDIS_MAX_INPUT
 #define NGX_MAIL_SMTP_EXT_REDIS_MAX_INPUT                                    \
     (NGX_MAIL_SMTP_EXT_REDIS_MAX_STRING + 64 * 1024)
+#endif
 
 
 typedef struct {
