@@ -244,6 +244,13 @@ LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         n = size - pos < chunk ? size - pos : chunk;
 
         if (fuzz_read(&fc, data + pos, n) != 0) {
+            /* what the module logs */
+            if (fc.rd.error
+                && strlen(fc.rd.error) >= sizeof(fc.rd.text))
+            {
+                fail("error text too long");
+            }
+
             /* the module drops the connection and reconnects */
             redisReaderFree(fc.reader);
             fuzz_open(&fc);

@@ -34,6 +34,15 @@ static redisReply *ngx_mail_smtp_ext_redis_create(const redisReadTask *task,
     int type, size_t extra);
 
 
+static void ngx_mail_smtp_ext_redis_quote(
+    ngx_mail_smtp_ext_redis_reader_t *rd, int type, const char *str,
+    size_t len);
+
+
+static const char  ngx_mail_smtp_ext_redis_unsolicited[] =
+    "unsolicited reply";
+
+
 static redisReplyObjectFunctions  ngx_mail_smtp_ext_redis_reader_fns = {
     ngx_mail_smtp_ext_redis_create_string,
     ngx_mail_smtp_ext_redis_create_array,
@@ -97,7 +106,7 @@ ngx_mail_smtp_ext_redis_create(const redisReadTask *task, int type,
         rd->size = 0;
 
         if (rd->start && !rd->start(rd->data)) {
-            rd->error = "unsolicited reply";
+            rd->error = ngx_mail_smtp_ext_redis_unsolicited;
             return NULL;
         }
     }
@@ -155,6 +164,13 @@ ngx_mail_smtp_ext_redis_create_string(const redisReadTask *task, char *str,
     reply = ngx_mail_smtp_ext_redis_create(task, task->type, len + 1);
     if (reply == NULL) {
         free(s);
+
+        if (task->parent == NULL && task->type != REDIS_REPLY_STRING
+            && rd->error == ngx_mail_smtp_ext_redis_unsolicited)
+        {
+            ngx_mail_smtp_ext_redis_quote(rd, task->type, str, len);
+        }
+
         return NULL;
     }
 
@@ -165,6 +181,44 @@ ngx_mail_smtp_ext_redis_create_string(const redisReadTask *task, char *str,
     reply->len = len;
 
     return reply;
+}
+
+
+/*
+ * A Redis that refuses a client says so in an error it sends unasked
+ * ("-ERR max number of clients reached"): keep it for the log, printable
+ * and short.
+ */
+
+static void
+ngx_mail_smtp_ext_redis_quote(ngx_mail_smtp_ext_redis_reader_t *rd,
+    int type, const char *str, size_t len)
+{
+    char        *p, *last;
+    size_t       i;
+    const char  *prefix;
+
+    prefix = "unsolicited reply \"";
+
+    p = rd->text;
+    last = rd->text + sizeof(rd->text) - 3;    /* room for '"' and NUL */
+
+    while (*prefix && p < last) {
+        *p++ = *prefix++;
+    }
+
+    if (p < last) {
+        *p++ = (type == REDIS_REPLY_ERROR) ? '-' : '+';
+    }
+
+    for (i = 0; i < len && p < last; i++) {
+        *p++ = (str[i] >= 0x20 && str[i] < 0x7f) ? str[i] : '?';
+    }
+
+    *p++ = '"';
+    *p = '\0';
+
+    rd->error = rd->text;
 }
 
 

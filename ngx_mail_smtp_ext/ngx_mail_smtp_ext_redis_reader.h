@@ -66,6 +66,9 @@ typedef struct {
 
     size_t               size;      /* of the top-level reply being read */
     const char          *error;     /* the limit hit, NULL if none */
+
+    /* an unsolicited status or error, quoted (Redis's "max clients") */
+    char                 text[96];
 } ngx_mail_smtp_ext_redis_reader_t;
 
 

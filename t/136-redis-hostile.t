@@ -138,7 +138,7 @@ my ($hwm0, $rss0) = worker_mem();
 my %mem;
 
 for my $mode (qw(unsolicited hugearray hugebulk deep wide wrongtype
-                 silent garbage))
+                 silent garbage refuse))
 {
     set_mode($mode);
 
@@ -219,7 +219,8 @@ unlike($log, qr/\[alert\]|exited on signal|signal [0-9] |core dumped/,
 # hiredis 0.14 refuses a ninth level itself, before our reader would
 for my $what ('unsolicited reply', 'array over 1024 elements',
     'reply over 1 MiB', 'nested (over 8 levels|multi bulk replies)',
-    'Protocol error', 'requests timed out')
+    'Protocol error', 'requests timed out',
+    'unsolicited reply "-ERR max number of clients reached"')
 {
     like($log, qr/redis 127\.0\.0\.1:\d+: .*$what/,
         "error.log says \"$what\"");

@@ -25,6 +25,8 @@
 #   silent       read and never answer; a connection that saw "silent"
 #                stays silent (a hung server), new ones follow the mode
 #   garbage      non-RESP octets
+#   refuse       as a Redis over maxclients: "-ERR max number of clients
+#                reached" unasked on connect (or as the answer), then close
 #
 # Streams stop after --stream-time seconds (default 10) or 256 MB, or
 # when the client goes away.  Every command is logged to FILE.log as
@@ -82,9 +84,15 @@ for (;;) {
             while (my $c = $listen->accept()) {
                 $c->blocking(0);
                 binmode $c;
-                $clients{ fileno $c } = { sock => $c, in => '', out => '',
+                my $cl = { sock => $c, in => '', out => '',
                     up => undef, upbuf => '', silent => 0 };
+                $clients{ fileno $c } = $cl;
                 $sel->add($c);
+                if (mode() eq 'refuse') {
+                    $cl->{out} = "-ERR max number of clients reached\r\n";
+                    $cl->{close} = 1;
+                    write_some($cl);
+                }
             }
             next;
         }
@@ -132,6 +140,8 @@ sub commands {
     my ($cl) = @_;
 
     for (;;) {
+        return if $cl->{close};
+
         my ($cmd, $raw) = parse_command(\$cl->{in});
         if (!defined $cmd) {
             if ($raw) {
@@ -216,6 +226,10 @@ sub answer {
                      : $name eq 'HMGET' ? '*' . (@$cmd - 2) . "\r\n"
                                           . (":7\r\n" x (@$cmd - 2))
                      : ":7\r\n";
+
+    } elsif ($mode eq 'refuse') {
+        $cl->{out} .= "-ERR max number of clients reached\r\n";
+        $cl->{close} = 1;
 
     } elsif ($mode eq 'garbage') {
         $cl->{out} .= "\x00\xff garbage \x07\r\n!!\r\n";
