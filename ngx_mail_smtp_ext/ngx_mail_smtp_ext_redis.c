@@ -7,6 +7,10 @@
  * commands are pipelined and hiredis runs their callbacks in FIFO order.
  * The fd belongs to hiredis (it closes it); we only wrap it in an
  * ngx_connection_t with level-triggered events.
+ *
+ * Replies are built by our reader functions (..._redis_reader.c), which
+ * bound their size and refuse a reply no command waits for; any such
+ * refusal drops the connection like an I/O error (docs/redis.md).
  */
 
 
