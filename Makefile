@@ -153,6 +153,22 @@ $(BUILD)/fuzz_%: $(ROOT)/fuzz/fuzz_%.c $(CORE_SRCS) $(CORE_HDRS)
 	@mkdir -p $(BUILD)
 	$(FUZZ_CC) $(FUZZ_CFLAGS) -I $(SRCDIR) $(CORE_SRCS) $< -o $@
 
+# the Redis reply reader is plain hiredis: no protocol core, but libhiredis
+REDIS_READER := $(SRCDIR)/ngx_mail_smtp_ext_redis_reader.c \
+                $(SRCDIR)/ngx_mail_smtp_ext_redis_reader.h
+
+# and limits small enough for fuzzer inputs to reach
+FUZZ_REDIS_LIMITS := -DNGX_MAIL_SMTP_EXT_REDIS_MAX_STRING=4096 \
+                     -DNGX_MAIL_SMTP_EXT_REDIS_MAX_ELEMENTS=64 \
+                     -DNGX_MAIL_SMTP_EXT_REDIS_MAX_DEPTH=5 \
+                     -DNGX_MAIL_SMTP_EXT_REDIS_MAX_REPLY=6144 \
+                     -DNGX_MAIL_SMTP_EXT_REDIS_MAX_INPUT=5120
+
+$(BUILD)/fuzz_redis: $(ROOT)/fuzz/fuzz_redis.c $(REDIS_READER) $(ROOT)/Makefile
+	@mkdir -p $(BUILD)
+	$(FUZZ_CC) $(FUZZ_CFLAGS) $(FUZZ_REDIS_LIMITS) -I $(SRCDIR) \
+	    $(filter %.c,$(REDIS_READER)) $< -lhiredis -o $@
+
 # Seeds, if the fuzz/ owner keeps any, are read from fuzz/corpus/NAME;
 # new inputs go to build/corpus-NAME, crashes to build/fuzz-artifacts/.
 fuzz: $(FUZZ_BINS)

@@ -576,6 +576,26 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     user = replies[0];
     f = replies[1];
 
+    /*
+     * Anything but a string or nothing is a broken or hostile Redis: a
+     * temporary failure, never a wrong password (535) nor a lifted
+     * failure limit.
+     */
+
+    if ((f->type != REDIS_REPLY_STRING && f->type != REDIS_REPLY_NIL)
+        || (user->element[0]->type != REDIS_REPLY_STRING
+            && user->element[0]->type != REDIS_REPLY_NIL)
+        || (user->element[1]->type != REDIS_REPLY_STRING
+            && user->element[1]->type != REDIS_REPLY_NIL)
+        || (user->element[2]->type != REDIS_REPLY_STRING
+            && user->element[2]->type != REDIS_REPLY_NIL))
+    {
+        ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                      "smtp_ext: Redis answered AUTH with a wrong type");
+        ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
+        return;
+    }
+
     if (f->type == REDIS_REPLY_STRING) {
         fails = ngx_atoi((u_char *) f->str, f->len);
 
@@ -765,6 +785,9 @@ ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s, ngx_int_t rc)
         break;
     }
 
+    ngx_mail_smtp_ext_metric_auth(s, reply == &ngx_smtp_ext_auth_ok ? NGX_OK
+                                     : reply == &ngx_smtp_ext_auth_failed
+                                       ? NGX_DECLINED : NGX_ERROR);
     ngx_mail_smtp_ext_auth_end(s);
     ngx_mail_smtp_ext_lookup_done(s, reply);
 }

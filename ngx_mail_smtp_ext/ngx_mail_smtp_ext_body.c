@@ -120,6 +120,10 @@ ngx_mail_smtp_ext_bdat(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     ctx->in_chunk = 1;
     ctx->state = ngx_smtp_ext_data;
 
+    if (first) {
+        ngx_mail_smtp_ext_metric_data(s);
+    }
+
     if (ctx->data_failed) {
         return NGX_OK;
     }
@@ -295,6 +299,10 @@ ngx_mail_smtp_ext_bdat_send(ngx_mail_session_t *s, ngx_buf_t *ob)
     {
         /* the whole chunk is read: its reply is due */
 
+        if (ctx->chunk_last) {
+            ngx_mail_smtp_ext_metric_dot(s);
+        }
+
         if (!ctx->bdat_relay) {
             n = ngx_smtp_bdat_end(&ctx->bdat, ob->last);
 
@@ -402,7 +410,9 @@ ngx_mail_smtp_ext_bdat_done(ngx_mail_session_t *s, ngx_uint_t step,
         if (ctx->bdat_final) {
             /* the backend's final reply: end-to-end */
             ctx->data.size = ctx->bdat.size;
+            ctx->data.dots = 0;
             ctx->last_code = code;
+            ngx_mail_smtp_ext_metric_relayed(s);
             ngx_mail_smtp_ext_out_backend(s, reply, len);
             ngx_mail_smtp_ext_data_done(s);
             break;
@@ -453,8 +463,11 @@ ngx_mail_smtp_ext_bdat_chunk_end(ngx_mail_session_t *s)
     ctx->in_chunk = 0;
     ctx->state = ngx_smtp_ext_cmd;
     ctx->data.size = ctx->bdat.size;
+    ctx->data.dots = 0;
 
     if (ctx->chunk_last) {
+        ngx_mail_smtp_ext_metric_dot(s);
+
         /* a LAST that ends here: the transaction failed */
         return ngx_mail_smtp_ext_bdat_failed(s);
     }

@@ -410,6 +410,13 @@ ngx_mail_smtp_ext_init_main_conf(ngx_conf_t *cf, void *conf)
         }
     }
 
+    /* SPEC 9: the counters are kept whether or not anyone reads them */
+    if (ngx_mail_smtp_ext_metrics_conf(cf, conf, &ngx_mail_smtp_ext_protocol)
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
     return NGX_CONF_OK;
 }
 
@@ -927,6 +934,10 @@ ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle)
     ngx_mail_conf_ctx_t            *ctx;
     ngx_mail_smtp_ext_main_conf_t  *smcf;
 
+    if (ngx_mail_smtp_ext_metrics_init_process(cycle) != NGX_OK) {
+        return NGX_ERROR;
+    }
+
     ctx = (ngx_mail_conf_ctx_t *) cycle->conf_ctx[ngx_mail_module.index];
 
     if (ctx == NULL
@@ -956,5 +967,6 @@ ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle)
 static void
 ngx_mail_smtp_ext_exit_process(ngx_cycle_t *cycle)
 {
+    ngx_mail_smtp_ext_metrics_exit_process(cycle);
     ngx_mail_smtp_ext_redis_exit_process(cycle);
 }

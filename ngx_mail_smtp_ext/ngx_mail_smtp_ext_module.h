@@ -17,6 +17,7 @@
 #include "ngx_smtp_core.h"
 #include "ngx_mail_smtp_ext_redis.h"
 #include "ngx_mail_smtp_ext_passwd.h"
+#include "ngx_mail_smtp_ext_metrics.h"
 
 
 #define NGX_MAIL_SMTP_EXT_AUTH_PLAIN       0x02
@@ -282,6 +283,8 @@ typedef struct {
     unsigned                        chunk_last:1;   /* the client's LAST */
     unsigned                        bdat_relay:1;   /* backend takes BDAT */
     unsigned                        bdat_final:1;   /* LAST or dot sent */
+
+    void                           *metrics;    /* metrics.c, or NULL */
 } ngx_mail_smtp_ext_ctx_t;
 
 

@@ -7,6 +7,10 @@
  * commands are pipelined and hiredis runs their callbacks in FIFO order.
  * The fd belongs to hiredis (it closes it); we only wrap it in an
  * ngx_connection_t with level-triggered events.
+ *
+ * Replies are built by our reader functions (..._redis_reader.c), which
+ * bound their size and refuse a reply no command waits for; any such
+ * refusal drops the connection like an I/O error (docs/redis.md).
  */
 
 
@@ -18,6 +22,8 @@
 #include <hiredis/async.h>
 
 #include "ngx_mail_smtp_ext_redis.h"
+#include "ngx_mail_smtp_ext_metrics.h"
+#include "ngx_mail_smtp_ext_redis_reader.h"
 
 
 #define NGX_MAIL_SMTP_EXT_REDIS_PORT          6379
@@ -35,6 +41,7 @@ typedef struct {
     ngx_msec_t                           backoff;
     ngx_uint_t                           timeouts;
     ngx_uint_t                           setup_pending;
+    ngx_mail_smtp_ext_redis_reader_t     reader;   /* limits of replies */
     unsigned                             writing:1;
 } ngx_mail_smtp_ext_redis_srv_t;
 
@@ -69,6 +76,7 @@ static void ngx_mail_smtp_ext_redis_del_read(void *privdata);
 static void ngx_mail_smtp_ext_redis_add_write(void *privdata);
 static void ngx_mail_smtp_ext_redis_del_write(void *privdata);
 static void ngx_mail_smtp_ext_redis_cleanup(void *privdata);
+static int ngx_mail_smtp_ext_redis_expected(void *data);
 static void ngx_mail_smtp_ext_redis_on_connect(const redisAsyncContext *ac,
     int status);
 static void ngx_mail_smtp_ext_redis_on_disconnect(const redisAsyncContext *ac,
@@ -530,6 +538,15 @@ ngx_mail_smtp_ext_redis_connect(ngx_mail_smtp_ext_redis_srv_t *srv)
 
     ac->data = srv;
 
+    /*
+     * our reply objects: limits checked before memory is spent, and a
+     * reply nothing waits for is refused before hiredis asserts on it
+     */
+
+    ngx_mail_smtp_ext_redis_reader_init(ac->c.reader, &srv->reader);
+    srv->reader.start = ngx_mail_smtp_ext_redis_expected;
+    srv->reader.data = srv;
+
     /* the hooks must be in place before hiredis calls addWrite */
 
     ac->ev.data = srv;
@@ -657,24 +674,44 @@ ngx_mail_smtp_ext_redis_connect_timeout(ngx_event_t *ev)
 static void
 ngx_mail_smtp_ext_redis_read_handler(ngx_event_t *rev)
 {
+    redisAsyncContext              *ac;
     ngx_connection_t               *c;
     ngx_mail_smtp_ext_redis_srv_t  *srv;
 
     c = rev->data;
     srv = c->data;
+    ac = srv->ac;
 
-    if (srv->ac == NULL) {
+    if (ac == NULL) {
         return;
     }
 
     if (c->close) {
         /* worker_shutdown_timeout */
-        redisAsyncFree(srv->ac);
+        redisAsyncFree(ac);
         return;
     }
 
     /* may free the context and the connection */
-    redisAsyncHandleRead(srv->ac);
+    redisAsyncHandleRead(ac);
+
+    /*
+     * Complete replies are gone to their callbacks; what is left is one
+     * unfinished item, which hiredis keeps whole however long it grows.
+     * Each call reads at most 16K, so this bounds the buffer.
+     */
+
+    if (srv->ac == ac
+        && !(ac->c.flags & (REDIS_DISCONNECTING|REDIS_FREEING))
+        && ngx_mail_smtp_ext_redis_reader_check(ac->c.reader) != 0)
+    {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "redis %V: %s, reconnecting", &srv->conf->name,
+                      srv->reader.error);
+
+        /* not inside hiredis: frees now, the cleanup hook reschedules */
+        redisAsyncFree(ac);
+    }
 }
 
 
@@ -874,6 +911,21 @@ ngx_mail_smtp_ext_redis_on_connect(const redisAsyncContext *ac, int status)
 }
 
 
+/*
+ * Called by our reader when a top-level reply begins: hiredis asserts on
+ * a reply that no callback waits for (it takes one for pub/sub), so such
+ * a reply fails the reader instead and the connection is dropped.
+ */
+
+static int
+ngx_mail_smtp_ext_redis_expected(void *data)
+{
+    ngx_mail_smtp_ext_redis_srv_t *srv = data;
+
+    return srv->ac != NULL && srv->ac->replies.head != NULL;
+}
+
+
 static void
 ngx_mail_smtp_ext_redis_on_disconnect(const redisAsyncContext *ac,
     int status)
@@ -882,11 +934,21 @@ ngx_mail_smtp_ext_redis_on_disconnect(const redisAsyncContext *ac,
 
     srv = ac->data;
 
-    if (status != REDIS_OK) {
-        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
-                      "redis %V: connection lost: %s",
-                      &srv->conf->name, ac->errstr);
+    if (status == REDIS_OK) {
+        return;
     }
+
+    if (srv->reader.error) {
+        /* a limit of our reader, which hiredis reports as no memory */
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "redis %V: %s, reconnecting",
+                      &srv->conf->name, srv->reader.error);
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                  "redis %V: connection lost: %s",
+                  &srv->conf->name, ac->errstr);
 }
 
 
@@ -1065,6 +1127,8 @@ ngx_mail_smtp_ext_redis_cmd_handler(redisAsyncContext *ac, void *r,
     }
 
     if (!req->done) {
+        ngx_mail_smtp_ext_metric_redis(req->failed ? NGX_SMTP_EXT_M_REDIS_ERROR
+                                                   : NGX_SMTP_EXT_M_REDIS_OK);
         ngx_mail_smtp_ext_redis_finish(req, !req->failed);
     }
 
@@ -1083,6 +1147,7 @@ ngx_mail_smtp_ext_redis_req_event(ngx_event_t *ev)
 
     if (req->fast) {
         /* posted: failed before anything was sent */
+        ngx_mail_smtp_ext_metric_redis(NGX_SMTP_EXT_M_REDIS_ERROR);
         ngx_mail_smtp_ext_redis_finish(req, 0);
         ngx_mail_smtp_ext_redis_release(req);
         return;
@@ -1092,6 +1157,7 @@ ngx_mail_smtp_ext_redis_req_event(ngx_event_t *ev)
                   "redis %V: request timed out", &srv->conf->name);
 
     /* late replies are ignored; the request is freed by the last one */
+    ngx_mail_smtp_ext_metric_redis(NGX_SMTP_EXT_M_REDIS_TIMEOUT);
     ngx_mail_smtp_ext_redis_finish(req, 0);
 
     if (++srv->timeouts >= NGX_MAIL_SMTP_EXT_REDIS_MAX_TIMEOUTS && srv->ac) {

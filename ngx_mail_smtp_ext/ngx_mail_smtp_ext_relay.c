@@ -141,6 +141,8 @@ static ngx_mail_smtp_ext_relay_t *ngx_mail_smtp_ext_relay_cached(
     ngx_mail_session_t *s, ngx_mail_smtp_ext_pool_t *pool);
 static void ngx_mail_smtp_ext_relay_set_log(ngx_mail_smtp_ext_relay_t *r,
     ngx_log_t *log);
+static ngx_uint_t ngx_mail_smtp_ext_relay_compatible(
+    ngx_mail_smtp_ext_relay_t *r, ngx_mail_smtp_ext_srv_conf_t *sscf);
 static void ngx_mail_smtp_ext_relay_cache_close(ngx_mail_smtp_ext_relay_t *r,
     ngx_uint_t quit);
 static void ngx_mail_smtp_ext_relay_cache_handler(ngx_event_t *ev);
@@ -237,7 +239,23 @@ ngx_mail_smtp_ext_relay_open(ngx_mail_session_t *s,
 
     ctx->relay = r;
 
-    rc = ngx_mail_smtp_ext_relay_connect(r);
+    for ( ;; ) {
+        rc = ngx_mail_smtp_ext_relay_connect(r);
+
+        if (rc != NGX_BUSY || ngx_queue_empty(&pool->cache)) {
+            break;
+        }
+
+        /*
+         * Idle connections this server cannot take hold the peers'
+         * max_conns: the oldest one makes room.
+         */
+
+        ngx_mail_smtp_ext_relay_cache_close(
+            ngx_queue_data(ngx_queue_last(&pool->cache),
+                           ngx_mail_smtp_ext_relay_t, queue), 1);
+        r->tried = 0;
+    }
 
     if (rc != NGX_OK) {
         ngx_mail_smtp_ext_relay_free(r);
@@ -466,6 +484,22 @@ ngx_mail_smtp_ext_relay_complete(ngx_mail_smtp_ext_relay_t *r, ngx_int_t rc,
 
     r->pending = 0;
 
+    /*
+     * Nothing more is asked of the backend now: octets it sent after
+     * this reply would be taken as the reply to the next command.  The
+     * connection goes; the reply at p stays readable (r->in is ours).
+     */
+
+    if (rc == NGX_OK && r->pc.connection && r->in->pos != r->in->last) {
+        ngx_log_error(NGX_LOG_ERR, r->session->connection->log, 0,
+                      "smtp_ext: backend %V sent more than it was asked",
+                      &r->peer->name);
+
+        ngx_mail_smtp_ext_relay_close_peer(r, 1);
+        r->broken = 1;
+        r->state = ngx_relay_idle;
+    }
+
     ngx_mail_smtp_ext_relay_done(r->session, rc, code, p, len);
 }
 
@@ -632,6 +666,11 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
 
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
+    if (sscf->proxy_protocol) {
+        /* a PROXY header belongs to a new connection: never a cached one */
+        return NULL;
+    }
+
     for (q = ngx_queue_head(&pool->cache);
          q != ngx_queue_sentinel(&pool->cache);
          q = next)
@@ -652,13 +691,7 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
          * a server that asks for it.
          */
 
-        if (r->sscf != sscf
-            && (r->sscf->upstream_tls != sscf->upstream_tls
-#if (NGX_MAIL_SSL)
-                || r->sscf->upstream_ssl != sscf->upstream_ssl
-#endif
-                || r->sscf->upstream_tls_verify != sscf->upstream_tls_verify))
-        {
+        if (!ngx_mail_smtp_ext_relay_compatible(r, sscf)) {
             continue;
         }
 
@@ -698,6 +731,45 @@ ngx_mail_smtp_ext_relay_cached(ngx_mail_session_t *s,
     }
 
     return NULL;
+}
+
+
+/*
+ * Whether a server may take a connection another server made: the same
+ * XCLIENT policy (a server without XCLIENT would not replace the last
+ * client's identity), the same STARTTLS policy, and for a connection in
+ * TLS the same verification.
+ */
+
+static ngx_uint_t
+ngx_mail_smtp_ext_relay_compatible(ngx_mail_smtp_ext_relay_t *r,
+    ngx_mail_smtp_ext_srv_conf_t *sscf)
+{
+    ngx_mail_smtp_ext_srv_conf_t  *old;
+
+    old = r->sscf;
+
+    if (old == sscf) {
+        return 1;
+    }
+
+    if (old->xclient != sscf->xclient
+        || old->upstream_tls != sscf->upstream_tls
+        || old->upstream_tls_verify != sscf->upstream_tls_verify)
+    {
+        return 0;
+    }
+
+#if (NGX_MAIL_SSL)
+    if (r->tls && sscf->upstream_tls_verify
+        && old->upstream_ssl != sscf->upstream_ssl)
+    {
+        /* verified against another trust, or another name */
+        return 0;
+    }
+#endif
+
+    return 1;
 }
 
 
@@ -868,7 +940,11 @@ ngx_mail_smtp_ext_relay_write_handler(ngx_event_t *wev)
     rc = ngx_mail_smtp_ext_relay_flush(r);
 
     if (rc == NGX_ERROR) {
-        ngx_mail_smtp_ext_relay_error(r, "closed the connection");
+        ngx_mail_smtp_ext_relay_error(r,
+                               (!r->handshaked
+                                && ngx_socket_errno == NGX_ECONNREFUSED)
+                               ? "refused the connection"
+                               : "closed the connection");
         return;
     }
 
@@ -905,6 +981,15 @@ ngx_mail_smtp_ext_relay_flush(ngx_mail_smtp_ext_relay_t *r)
 
     c = r->pc.connection;
     progress = 0;
+
+#if (NGX_DEBUG)
+    if (r->out == r->cmd_out && r->out->pos < r->out->last) {
+        ngx_log_debug3(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                       "smtp_ext: to backend %V: %*s",
+                       r->peer ? &r->peer->name : &r->upstream->name,
+                       r->out->last - r->out->pos, r->out->pos);
+    }
+#endif
 
     /*
      * Body octets in the session's input buffer go first: both pieces in
@@ -1033,6 +1118,19 @@ ngx_mail_smtp_ext_relay_read_handler(ngx_event_t *rev)
         }
 
         /* more replies wait: handle them after this one */
+        ngx_post_event(rev, &ngx_posted_events);
+
+    } else if (rev->ready
+#if (NGX_HAVE_EPOLLRDHUP)
+               || rev->pending_eof
+#endif
+              )
+    {
+        /*
+         * The socket may hold more, or its end: with edge-triggered
+         * events nothing would tell us again (a backend that resets
+         * right after a reply).
+         */
         ngx_post_event(rev, &ngx_posted_events);
     }
 
@@ -1176,7 +1274,11 @@ ngx_mail_smtp_ext_relay_read_reply(ngx_mail_smtp_ext_relay_t *r,
         }
 
         if (size == NGX_ERROR || size == 0) {
-            ngx_mail_smtp_ext_relay_error(r, "closed the connection");
+            ngx_mail_smtp_ext_relay_error(r,
+                               (size == NGX_ERROR && !r->handshaked
+                                && ngx_socket_errno == NGX_ECONNREFUSED)
+                               ? "refused the connection"
+                               : "closed the connection");
             return NGX_ERROR;
         }
 
@@ -1229,6 +1331,10 @@ ngx_mail_smtp_ext_relay_reply(ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code,
     ngx_connection_t  *c;
 
     c = r->pc.connection;
+
+    ngx_log_debug3(NGX_LOG_DEBUG_MAIL, c->log, 0,
+                   "smtp_ext: from backend %V: %*s",
+                   r->peer ? &r->peer->name : &r->upstream->name, len, p);
 
     if (!r->handshaked) {
         ngx_mail_smtp_ext_relay_handshake(r, code, p, len);

@@ -162,6 +162,8 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
     ctx->session = s;
     ctx->size = -1;
 
+    ngx_mail_smtp_ext_metric_session(s);
+
     /* one allocation for commands and replies: idle sessions stay small */
 
     p = ngx_pnalloc(c->pool, NGX_MAIL_SMTP_EXT_CMD_BUF + sscf->out_size);
@@ -271,6 +273,8 @@ ngx_mail_smtp_ext_init_protocol(ngx_event_t *rev)
 
     s->buffer->pos = s->buffer->start;
     s->buffer->last = s->buffer->start;
+
+    ngx_mail_smtp_ext_metric_session(s);
 
     ngx_mail_smtp_ext_run(s);
 }
@@ -502,7 +506,12 @@ ngx_mail_smtp_ext_read(ngx_mail_session_t *s)
         return NGX_AGAIN;
     }
 
-    if (!c->read->ready) {
+    if (!c->read->ready
+#if (NGX_HAVE_EPOLLRDHUP)
+        && !c->read->pending_eof
+#endif
+       )
+    {
         return NGX_AGAIN;
     }
 
@@ -698,6 +707,8 @@ ngx_mail_smtp_ext_command(ngx_mail_session_t *s)
 
     b->pos += line.consumed;
 
+    ngx_mail_smtp_ext_metric_line(s, line.start, line.len);
+
     if (ctx->state == ngx_smtp_ext_auth_line) {
         return ngx_mail_smtp_ext_auth_line(s, line.start, line.len);
     }
@@ -764,6 +775,7 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
         return ngx_mail_smtp_ext_mail(s, &cmd);
 
     case NGX_SMTP_CMD_RCPT:
+        ngx_mail_smtp_ext_metric_rcpt(s);
         return ngx_mail_smtp_ext_rcpt(s, &cmd);
 
     case NGX_SMTP_CMD_DATA:
@@ -1214,9 +1226,10 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
     if (!ngx_mail_smtp_ext_relay_usable(s, ctx->route)) {
         /* the backend that took the recipients is gone */
         ctx->last_code = 451;
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
         ngx_mail_smtp_ext_end_tx(s);
         ngx_mail_smtp_ext_relay_close(s, 0);
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
+        return NGX_OK;
     }
 
     ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DATA);
@@ -1262,6 +1275,7 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
 
     (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_tls_ready);
 
+    ngx_mail_smtp_ext_metric_starttls(s);
     ctx->state = ngx_smtp_ext_starttls;
     c->read->handler = ngx_mail_starttls_handler;
 
@@ -1398,6 +1412,8 @@ ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
+    ngx_mail_smtp_ext_metric_dot(s);
+
     if (!ctx->data_failed) {
         n = ngx_mail_smtp_ext_relay_body(s, 1);
 
@@ -1510,8 +1526,8 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_DATA:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            ngx_mail_smtp_ext_end_tx(s);
             (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
+            ngx_mail_smtp_ext_end_tx(s);
             break;
         }
 
@@ -1540,6 +1556,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
 
         (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_go_ahead);
 
+        ngx_mail_smtp_ext_metric_data(s);
         ctx->state = ngx_smtp_ext_data;
 
         if (ngx_mail_smtp_ext_flush(s) == NGX_DONE) {
@@ -1555,6 +1572,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
         }
 
         ctx->last_code = code;
+        ngx_mail_smtp_ext_metric_relayed(s);
         ngx_mail_smtp_ext_out_backend(s, reply, len);
         ngx_mail_smtp_ext_data_done(s);
         break;
@@ -1595,6 +1613,7 @@ ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
     ctx->state = ngx_smtp_ext_cmd;
+    ngx_mail_smtp_ext_metric_data_end(s);
     ngx_mail_smtp_ext_end_tx(s);
     ngx_mail_smtp_ext_data_buffer_release(s);
 }
@@ -1710,43 +1729,12 @@ ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
 }
 
 
-/* SPEC 7: one line per transaction */
+/* SPEC 7 and 9: one line per transaction (ngx_mail_smtp_ext_metrics.c) */
 
 static void
 ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s)
 {
-    ngx_str_t                *backend, none, helo;
-    ngx_msec_int_t            ms;
-    ngx_connection_t         *c;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    c = s->connection;
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-
-    ngx_str_set(&none, "-");
-
-    backend = ngx_mail_smtp_ext_relay_peer_name(s);
-    if (backend == NULL) {
-        backend = &none;
-    }
-
-    helo.data = ctx->helo;
-    helo.len = ctx->helo_len;
-
-    ms = (ngx_msec_int_t) (ngx_current_msec - ctx->start);
-    if (ms < 0) {
-        ms = 0;
-    }
-
-    ngx_log_error(NGX_LOG_INFO, c->log, 0,
-                  "smtp_ext: client=%V helo=\"%V\" login=\"%V\" from=<%V> "
-                  "rcpts=%ui route=%V backend=%V size=%O reply=%ui "
-                  "duration=%T.%03Ms",
-                  &c->addr_text, &helo, s->login.len ? &s->login : &none,
-                  &ctx->from, ctx->rcpts,
-                  ctx->route ? &ctx->route->name : &none, backend,
-                  ctx->data.size, ctx->last_code,
-                  (time_t) ms / 1000, ms % 1000);
+    ngx_mail_smtp_ext_tx_log(s);
 }
 
 
@@ -1780,6 +1768,8 @@ ngx_mail_smtp_ext_reply(ngx_mail_session_t *s, ngx_str_t *reply)
     }
 
     ctx->out->last = ngx_cpymem(ctx->out->last, reply->data, reply->len);
+
+    ngx_mail_smtp_ext_metric_reply(s, reply->data, reply->len);
 
     if (reply->data[0] != '5' || ctx->state == ngx_smtp_ext_closing) {
         return NGX_OK;
@@ -1828,6 +1818,8 @@ ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     b = ctx->out;
+
+    ngx_mail_smtp_ext_metric_reply(s, reply, len);
 
     last = reply + len;
     lines = 0;

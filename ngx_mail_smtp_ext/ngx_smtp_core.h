@@ -304,6 +304,9 @@ typedef struct {
                                            without the final ".\r\n");
                                            counting goes on after
                                            too_big and bare, for logs */
+    off_t                   dots;       /* line-start dots in the output:
+                                           size - dots is the message
+                                           after dot-unstuffing */
     unsigned                bare:1;     /* a bare CR or LF was seen
                                            (set in both modes) */
     unsigned                too_big:1;  /* size went over max_size */

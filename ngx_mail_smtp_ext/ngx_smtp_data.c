@@ -170,6 +170,7 @@ ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
             if (c == '\n') {
                 /* "." alone with a bare LF: never "\r\n.\r\n" out */
                 d->bare = 1;
+                d->dots++;
                 o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
                 d->state = ngx_smtp_data_start_bare;
                 p++;
@@ -177,6 +178,7 @@ ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
             }
 
             /* a dot-stuffed or ordinary line, written as it came */
+            d->dots++;
             o = ngx_smtp_data_emit(d, o, ngx_smtp_dot, 1);
             d->state = ngx_smtp_data_text;
             break;
@@ -198,6 +200,7 @@ ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
             }
 
             d->bare = 1;
+            d->dots++;
             o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
             d->state = ngx_smtp_data_start_bare;
             break;
@@ -207,6 +210,7 @@ ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
             /* "." after a bare ending is never the end of data */
 
             if (c == '\n') {
+                d->dots++;
                 o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
                 d->state = ngx_smtp_data_start;
                 p++;
@@ -214,6 +218,7 @@ ngx_smtp_data_scan(ngx_smtp_data_t *d, u_char *in, u_char *in_last,
             }
 
             d->bare = 1;
+            d->dots++;
             o = ngx_smtp_data_emit(d, o, ngx_smtp_dotdot, 4);
             d->state = ngx_smtp_data_start_bare;
             break;

@@ -5,6 +5,7 @@
 #   127.0.0.1:2526  a sample backend (t/bin/smtp-backend.pl) that keeps
 #                   every message it receives in build/demo/mail/
 #   127.0.0.1:6380  redis-server, no persistence (scripts/demo-seed.sh)
+#   127.0.0.1:9145  the module's metrics, http://127.0.0.1:9145/metrics
 #
 # Runs in the foreground until Ctrl-C or SIGTERM, then stops all three.
 # "scripts/demo.sh --check" sends one message, checks that the backend
@@ -26,6 +27,7 @@ SMTP_EXT_MODULE=${SMTP_EXT_MODULE:-$OUR_MODULE}
 SMTP_PORT=2525
 BACKEND_PORT=2526
 REDIS_PORT=6380
+METRICS_PORT=9145
 
 CHECK=
 if [ "${1-}" = "--check" ]; then
@@ -137,6 +139,11 @@ if [ -n "$CHECK" ]; then
     fi
     grep -q "554 5.7.1" "$DEMO/logs/swaks-relay.log" \
         || { cat "$DEMO/logs/swaks-relay.log"; die "no 554 5.7.1 for relaying"; }
+    curl -sS http://127.0.0.1:$METRICS_PORT/metrics >"$DEMO/logs/metrics.txt" \
+        || die "no metrics at 127.0.0.1:$METRICS_PORT"
+    grep -q '^smtp_ext_messages_total{listen="127.0.0.1:2525",result="accepted"} 2$' \
+        "$DEMO/logs/metrics.txt" \
+        || { cat "$DEMO/logs/metrics.txt"; die "metrics: not 2 accepted messages"; }
     say "check passed: $(ls "$DEMO"/mail/msg-*.eml)"
     exit 0
 fi
@@ -148,6 +155,7 @@ cat <<EOT
     nginx + smtp_ext  127.0.0.1:$SMTP_PORT   logs: $DEMO/logs/error.log
     backend           127.0.0.1:$BACKEND_PORT   mail: $DEMO/mail/
     redis             127.0.0.1:$REDIS_PORT
+    metrics           http://127.0.0.1:$METRICS_PORT/metrics
 
   Send a test message, from another terminal (example.org is an accepted
   domain in the demo Redis, so no AUTH is needed):
@@ -168,6 +176,10 @@ cat <<EOT
     printf 'Subject: hi\r\n\r\nhello\r\n' \\
         | curl -sS smtp://127.0.0.1:$SMTP_PORT \\
               --mail-from a@example.com --mail-rcpt b@example.org -T -
+
+  The module's counters (Prometheus text format):
+
+    curl -s http://127.0.0.1:$METRICS_PORT/metrics | grep -v '^#'
 
   What the backend received (messages as msg-CONN-N.eml, the whole
   conversation as conn-N.log):

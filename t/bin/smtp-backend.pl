@@ -40,6 +40,8 @@
 #   --dot-reply TEXT      default "250 2.0.0 Ok: queued as %N" where %N is
 #                         replaced by "CONN-K"
 #   --xclient-reply TEXT  default "220 backend ESMTP"
+#   --rset-reply TEXT     default "250 2.0.0 Ok"; "rset" is also a STEP
+#                         for --stall, --close-at, --rst-at, --reply-lines
 #   --close-after-greeting
 #   --close-in-data-after BYTES   close after BYTES octets of message data
 #   --stall STEP          greeting|ehlo|mail|rcpt|data|dot|xclient: never
@@ -122,6 +124,7 @@ my %o = (
     'data-reply' => '354 End data with <CR><LF>.<CR><LF>',
     'dot-reply' => '250 2.0.0 Ok: queued as %N',
     'xclient-reply' => '220 backend ESMTP',
+    'rset-reply' => '250 2.0.0 Ok',
     'read-size' => 16384,
     stall => '',
     rcpt => [],
@@ -130,7 +133,7 @@ my %o = (
 
 GetOptions(\%o, 'port=i', 'dir=s', 'pidfile=s', 'greeting=s', 'caps=s',
     'ehlo-reply=s', 'mail-reply=s', 'rcpt-reply=s', 'rcpt=s@',
-    'data-reply=s', 'dot-reply=s', 'xclient-reply=s',
+    'data-reply=s', 'dot-reply=s', 'xclient-reply=s', 'rset-reply=s',
     'close-after-greeting', 'close-in-data-after=i', 'stall=s',
     'delay-read=i', 'read-size=i', 'lenient-dot', 'tls=s',
     'greeting-from=s', 'rcvbuf=i', 'pause-after-354=i', 'early-reply=s',
@@ -139,7 +142,8 @@ GetOptions(\%o, 'port=i', 'dir=s', 'pidfile=s', 'greeting=s', 'caps=s',
     or die "bad options\n";
 
 my @steps = qw(greeting ehlo xclient starttls mail rcpt data body dot);
-my %step_ok = map { $_ => 1 } @steps;
+# rset: not a --chaos step (the seeded plans stay as they were)
+my %step_ok = map { $_ => 1 } @steps, "rset";
 
 # the actions given on the command line, per step
 my %cli_act;
@@ -753,10 +757,11 @@ sub session {
         }
 
         if ($verb eq 'RSET') {
+            return if $stalled->('rset');
             $bdat_tx = 0;
             $mail = 0;
             @rcpts = ();
-            $send->('250 2.0.0 Ok');
+            $answer->('rset', $o{'rset-reply'});
             return;
         }
 
