@@ -13,6 +13,7 @@
 
 #include "ngx_mail_smtp_ext_module.h"
 #include "ngx_mail_smtp_ext_version.h"
+#include "ngx_mail_smtp_ext_edge.h"
 
 
 static void *ngx_mail_smtp_ext_create_main_conf(ngx_conf_t *cf);
@@ -262,6 +263,50 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       0,
       NULL },
 
+    /* edge protection, SPEC §10 (ngx_mail_smtp_ext_edge.h) */
+
+    { ngx_string("smtp_ext_limit_exempt"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
+      ngx_mail_smtp_ext_limit_exempt,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_limit_conn"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_mail_smtp_ext_limit_conn,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_ratelimit"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_2MORE,
+      ngx_mail_smtp_ext_ratelimit,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_greeting_delay"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_msec_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, greeting_delay),
+      NULL },
+
+    { ngx_string("smtp_ext_dnsbl"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
+      ngx_mail_smtp_ext_dnsbl,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_dnsbl_threshold"),
+      NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_TAKE1,
+      ngx_conf_set_num_slot,
+      NGX_MAIL_SRV_CONF_OFFSET,
+      offsetof(ngx_mail_smtp_ext_srv_conf_t, dnsbl_threshold),
+      NULL },
+
       ngx_null_command
 };
 
@@ -463,6 +508,8 @@ ngx_mail_smtp_ext_create_srv_conf(ngx_conf_t *cf)
     sscf->upstream_tls_session_reuse = NGX_CONF_UNSET;
 #endif
 
+    ngx_mail_smtp_ext_edge_create_conf(sscf);    /* SPEC §10 */
+
     sscf->file_name = cf->conf_file->file.name.data;
     sscf->line = cf->conf_file->line;
 
@@ -598,6 +645,12 @@ ngx_mail_smtp_ext_merge_srv_conf(ngx_conf_t *cf, void *parent, void *child)
         {
             return NGX_CONF_ERROR;
         }
+    }
+
+    /* edge protection, SPEC §10 */
+
+    if (ngx_mail_smtp_ext_edge_merge_conf(cf, prev, conf) != NGX_CONF_OK) {
+        return NGX_CONF_ERROR;
     }
 
 #if (NGX_MAIL_SSL)

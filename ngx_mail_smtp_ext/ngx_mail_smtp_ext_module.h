@@ -181,6 +181,15 @@ typedef struct {
     ngx_flag_t                      upstream_tls_session_reuse;
 #endif
 
+    /* edge protection, SPEC §10 (ngx_mail_smtp_ext_edge.h) */
+    ngx_array_t                    *limit_exempt;     /* ngx_cidr_t */
+    ngx_uint_t                      limit_conn;
+    ngx_shm_zone_t                 *limit_zone;
+    ngx_array_t                    *ratelimits;       /* ..._ratelimit_t */
+    ngx_msec_t                      greeting_delay;
+    ngx_array_t                    *dnsbl;            /* ..._dnsbl_t */
+    ngx_uint_t                      dnsbl_threshold;
+
     ngx_flag_t                      chunking;   /* smtp_ext_chunking */
 } ngx_mail_smtp_ext_srv_conf_t;
 
@@ -285,6 +294,7 @@ typedef struct {
     unsigned                        bdat_final:1;   /* LAST or dot sent */
 
     void                           *metrics;    /* metrics.c, or NULL */
+    void                           *edge;   /* SPEC §10 edge protection */
 } ngx_mail_smtp_ext_ctx_t;
 
 

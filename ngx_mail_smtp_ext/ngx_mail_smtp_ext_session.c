@@ -20,6 +20,7 @@
 #endif
 
 #include "ngx_mail_smtp_ext_module.h"
+#include "ngx_mail_smtp_ext_edge.h"
 
 
 /* the backend step the session waits for */
@@ -215,6 +216,12 @@ ngx_mail_smtp_ext_init_session(ngx_mail_session_t *s, ngx_connection_t *c)
 
     ctx->state = ngx_smtp_ext_wait;
 
+    /* edge protection (SPEC §10): may refuse, or hold the greeting back */
+
+    if (ngx_mail_smtp_ext_edge_start(s) != NGX_OK) {
+        return;
+    }
+
     switch (ngx_mail_smtp_ext_resolve(s)) {
 
     case NGX_OK:
@@ -236,6 +243,12 @@ ngx_mail_smtp_ext_greet(ngx_mail_session_t *s)
 {
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    /* edge protection (SPEC §10): it greets later, or never */
+
+    if (ngx_mail_smtp_ext_edge_hold(s)) {
+        return;
+    }
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
@@ -997,6 +1010,15 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     ctx->start = ngx_current_msec;
     ctx->in_tx = 1;
 
+    /* edge protection (SPEC §10): the "mail" rate limits, checked last */
+
+    if (ngx_mail_smtp_ext_ratelimit_check(s, NGX_MAIL_SMTP_EXT_RL_MAIL)
+        == NGX_AGAIN)
+    {
+        ngx_mail_smtp_ext_wait_lookup(s);
+        return NGX_AGAIN;   /* ngx_mail_smtp_ext_mail_limited() replies */
+    }
+
     return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_mail_ok);
 }
 
@@ -1102,6 +1124,18 @@ ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s)
     if (ctx->route && ctx->route != pool) {
         /* one transaction, one backend */
         return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_elsewhere);
+    }
+
+    /*
+     * edge protection (SPEC §10): the "rcpt" rate limits, once routing
+     * accepted the recipient; allowed, it calls rcpt_routed() again
+     */
+
+    if (ngx_mail_smtp_ext_ratelimit_check(s, NGX_MAIL_SMTP_EXT_RL_RCPT)
+        == NGX_AGAIN)
+    {
+        ngx_mail_smtp_ext_wait_lookup(s);
+        return NGX_AGAIN;
     }
 
     if (ngx_mail_smtp_ext_relay_usable(s, pool)) {
@@ -2093,6 +2127,42 @@ ngx_mail_smtp_ext_close(ngx_mail_session_t *s, ngx_str_t *reply)
     }
 
     ngx_mail_close_connection(c);
+}
+
+
+/* edge protection (SPEC §10): a refusal instead of the greeting */
+
+void
+ngx_mail_smtp_ext_refuse(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_close(s, reply);
+}
+
+
+/* edge protection (SPEC §10): the "mail" rate limit answered */
+
+void
+ngx_mail_smtp_ext_mail_limited(ngx_mail_session_t *s, ngx_str_t *reply)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (reply == NULL) {
+        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_mail_ok);
+        return;
+    }
+
+    /* refused: no transaction was started, nothing to log */
+
+    ctx->in_tx = 0;
+
+    if (ctx->tpool) {
+        ngx_destroy_pool(ctx->tpool);
+        ctx->tpool = NULL;
+    }
+
+    ngx_mail_smtp_ext_lookup_done(s, reply);
 }
 
 

@@ -10,7 +10,9 @@ TREE=$ROOT/build/nginx-asan
 LOGS=$ROOT/build/asan-logs
 LIBASAN=$(gcc -print-file-name=libasan.so)
 
-if [ ! -f "$TREE/.configured" ]; then
+# configure again when the addon's file list changed
+if [ ! -f "$TREE/.configured" ] || [ "$ROOT/config" -nt "$TREE/.configured" ]
+then
     rm -rf "$TREE"
     cp -r /usr/share/nginx/src "$TREE"
     (

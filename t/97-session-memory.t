@@ -21,7 +21,7 @@ use SmtpExt::Redis;
 
 require_programs(nginx_bin(), redis_bin());
 
-my $BATCH = 20000;
+my $BATCH = $ENV{SMTP_EXT_MEMORY_BATCH} || 20000;
 my $WARMUP = 2000;
 my $LIMIT_KB = 2048;
 my $MAX_ERRORS = 1000000;

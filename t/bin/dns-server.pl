@@ -21,6 +21,7 @@
 #                         a name without records)
 #   --servfail NAME       SERVFAIL for every type
 #   --drop NAME           never answer queries for NAME
+#   --delay NAME=MS       answer queries for NAME after MS milliseconds
 #
 # A query for a known name but a type without records (typically AAAA)
 # gets an empty NOERROR answer.  Answers have TTL 60 and point back at the
@@ -34,12 +35,13 @@ use Getopt::Long;
 use IO::Select;
 use IO::Socket::INET;
 use Socket qw(inet_aton inet_pton AF_INET6);
+use Time::HiRes qw(time);
 
 my %o = (ptr => [], a => [], aaaa => [], nxdomain => [], servfail => [],
-    drop => []);
+    drop => [], delay => []);
 
 GetOptions(\%o, 'port=i', 'pidfile=s', 'log=s', 'ptr=s@', 'a=s@',
-    'aaaa=s@', 'nxdomain=s@', 'servfail=s@', 'drop=s@')
+    'aaaa=s@', 'nxdomain=s@', 'servfail=s@', 'drop=s@', 'delay=s@')
     or die "bad options\n";
 die "--port is required\n" unless $o{port};
 
@@ -54,8 +56,14 @@ sub norm {
     return $n;
 }
 
-# records{name}{type} = [rdata, ...]; rcode{name} = 2|3; drop{name} = 1
-my (%records, %rcode, %drop);
+# records{name}{type} = [rdata, ...]; rcode{name} = 2|3; drop{name} = 1;
+# delay{name} = seconds
+my (%records, %rcode, %drop, %delay);
+
+for my $r (@{ $o{delay} }) {
+    my ($n, $v) = split /=/, $r, 2;
+    $delay{ norm($n) } = $v / 1000;
+}
 
 for my $r (@{ $o{ptr} }) {
     my ($n, $v) = split /=/, $r, 2;
@@ -112,25 +120,41 @@ if ($o{pidfile}) {
 
 my $parent = getppid();
 my $sel = IO::Select->new($sock);
+my @later;     # [time, response, peer] of delayed answers
 
 while ($running) {
     # an orphan (the test died) must not linger
     last if getppid() != $parent;
 
-    next unless $sel->can_read(0.5);
+    my $now = time;
+    while (@later && $later[0][0] <= $now) {
+        my $l = shift @later;
+        $sock->send($l->[1], 0, $l->[2]);
+    }
+
+    my $wait = @later ? $later[0][0] - $now : 0.5;
+    $wait = 0.5 if $wait > 0.5;
+    next unless $sel->can_read($wait > 0 ? $wait : 0);
 
     my $peer = $sock->recv(my $q, 4096);
     next unless defined $peer && length $q >= 12;
 
-    my $resp = answer($q);
-    $sock->send($resp, 0, $peer) if defined $resp;
+    my ($resp, $delay) = answer($q);
+    next unless defined $resp;
+
+    if ($delay) {
+        @later = sort { $a->[0] <=> $b->[0] }
+            @later, [time + $delay, $resp, $peer];
+    } else {
+        $sock->send($resp, 0, $peer);
+    }
 }
 
 unlink $o{pidfile} if $o{pidfile};
 exit 0;
 
 
-# the response to query $q, or undef to drop it
+# the response to query $q (undef to drop it), and its delay
 sub answer {
     my ($q) = @_;
 
@@ -188,5 +212,5 @@ sub answer {
             . $rdata;
     }
 
-    return $resp;
+    return ($resp, $delay{$name});
 }

@@ -677,8 +677,10 @@ use Time::HiRes qw(time);
 
 sub new {
     my ($class, $port, %opt) = @_;
+    # local => '127.0.0.2': another client address (127.0.0.0/8 is local)
     my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => $port, Proto => 'tcp', Timeout => 5)
+        PeerPort => $port, Proto => 'tcp', Timeout => 5,
+        $opt{local} ? (LocalAddr => $opt{local}) : ())
         or die "connect 127.0.0.1:$port: $!\n";
     binmode $s;
     my $self = bless { sock => $s, buf => '', timeout => $opt{timeout} // 5,
