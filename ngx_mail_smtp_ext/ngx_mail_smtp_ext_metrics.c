@@ -34,6 +34,18 @@
 #include "ngx_mail_smtp_ext_version.h"
 
 
+/*
+ * For the benchmark only (docs/performance.md): a build with
+ * -DNGX_SMTP_EXT_BENCH_NO_COUNTERS=1 updates no counter, so that one run
+ * can show what counting costs.
+ */
+
+#if (NGX_SMTP_EXT_BENCH_NO_COUNTERS)
+#undef ngx_atomic_fetch_add
+#define ngx_atomic_fetch_add(value, add)  ((void) (value), (void) (add), 0)
+#endif
+
+
 #define NGX_SMTP_EXT_M_SIZE       (256 * 1024)
 #define NGX_SMTP_EXT_M_LISTENS    64
 #define NGX_SMTP_EXT_M_NAME       128
