@@ -96,10 +96,11 @@ WORKLOADS = [
      ['-d', '-s', '20'], env_int('BENCH_BIG_MSGS', 4000), 102400),
 ]
 
-CANDIDATES = ['ext-redis', 'ext', 'mail', 'stream', 'direct']
+CANDIDATES = ['ext-redis', 'ext', 'ext-zone', 'mail', 'stream', 'direct']
 LABELS = {
     'ext-redis': 'smtp_ext + Redis',
     'ext': 'smtp_ext, smtp_ext_pass',
+    'ext-zone': 'smtp_ext, pool with zone',
     'mail': 'stock nginx mail',
     'stream': 'nginx stream',
     'direct': 'direct to smtp-sink',
@@ -682,7 +683,8 @@ def main():
             return
 
     ports = {k: free_port() for k in
-             ('sink', 'redis', 'auth', 'ext-redis', 'ext', 'mail', 'stream')}
+             ('sink', 'redis', 'auth', 'ext-redis', 'ext', 'ext-zone', 'mail',
+              'stream')}
     ports['direct'] = ports['sink']
 
     sink = start_sink(ports['sink'])
