@@ -1343,6 +1343,7 @@ ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev)
 {
     ssize_t                         n;
     ngx_int_t                       rc;
+    ngx_uint_t                      eof;
     redisReply                     *reply;
     ngx_connection_t               *c;
     ngx_mail_smtp_ext_redis_srv_t  *srv;
@@ -1376,6 +1377,8 @@ ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev)
         srv->sout.len -= n;
     }
 
+    eof = 0;
+
     for ( ;; ) {
         n = c->recv(c, buf, sizeof(buf));
 
@@ -1384,8 +1387,9 @@ ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev)
         }
 
         if (n == 0 || n == NGX_ERROR) {
-            ngx_mail_smtp_ext_sentinel_failed(srv, "connection closed");
-            return;
+            /* what came before the close is still an answer */
+            eof = 1;
+            break;
         }
 
         /* a sentinel's answer is a few dozen bytes */
@@ -1439,6 +1443,11 @@ ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev)
         srv->asked = 0;
 
         ngx_mail_smtp_ext_redis_connect(srv);
+        return;
+    }
+
+    if (eof) {
+        ngx_mail_smtp_ext_sentinel_failed(srv, "connection closed");
         return;
     }
 
