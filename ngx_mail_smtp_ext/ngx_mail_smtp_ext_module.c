@@ -31,6 +31,8 @@ static char *ngx_mail_smtp_ext_auth_fail_limit(ngx_conf_t *cf,
     ngx_command_t *cmd, void *conf);
 static char *ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd,
     void *conf);
+static char *ngx_mail_smtp_ext_redis_sentinel(ngx_conf_t *cf,
+    ngx_command_t *cmd, void *conf);
 static ngx_int_t ngx_mail_smtp_ext_init_module(ngx_cycle_t *cycle);
 static ngx_int_t ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle);
 static void ngx_mail_smtp_ext_exit_process(ngx_cycle_t *cycle);
@@ -73,6 +75,13 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
       ngx_mail_smtp_ext_redis,
       NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_redis_sentinel"),
+      NGX_MAIL_MAIN_CONF|NGX_CONF_2MORE,
+      ngx_mail_smtp_ext_redis_sentinel,
+      NGX_MAIL_MAIN_CONF_OFFSET,
       0,
       NULL },
 
@@ -418,6 +427,14 @@ ngx_mail_smtp_ext_init_main_conf(ngx_conf_t *cf, void *conf)
      * its merge: give our servers a placeholder peer (its conf starts with
      * the peer pointer), leave stock servers alone.
      */
+
+    if (ngx_mail_smtp_ext_redis_sentinel_resolve(cf,
+            &((ngx_mail_smtp_ext_main_conf_t *) conf)->redis,
+            &((ngx_mail_smtp_ext_main_conf_t *) conf)->redis_sentinels)
+        != NGX_CONF_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
 
     ours = 0;
     auth_http = 0;
@@ -967,6 +984,16 @@ ngx_mail_smtp_ext_redis(ngx_conf_t *cf, ngx_command_t *cmd, void *conf)
     smcf = ngx_mail_conf_get_module_main_conf(cf, ngx_mail_smtp_ext_module);
 
     return ngx_mail_smtp_ext_redis_parse(cf, &smcf->redis, &sscf->redis);
+}
+
+
+static char *
+ngx_mail_smtp_ext_redis_sentinel(ngx_conf_t *cf, ngx_command_t *cmd,
+    void *conf)
+{
+    ngx_mail_smtp_ext_main_conf_t *smcf = conf;
+
+    return ngx_mail_smtp_ext_redis_sentinel_parse(cf, &smcf->redis_sentinels);
 }
 
 

@@ -125,6 +125,7 @@ typedef struct {
 typedef struct {
     ngx_array_t                     pools;      /* ngx_mail_smtp_ext_pool_t * */
     ngx_array_t                     redis;      /* Redis servers, by pointer */
+    ngx_array_t                     redis_sentinels;
 } ngx_mail_smtp_ext_main_conf_t;
 
 

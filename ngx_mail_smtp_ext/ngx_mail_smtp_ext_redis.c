@@ -30,6 +30,8 @@
 #define NGX_MAIL_SMTP_EXT_REDIS_BACKOFF_MIN   100
 #define NGX_MAIL_SMTP_EXT_REDIS_BACKOFF_MAX   5000
 #define NGX_MAIL_SMTP_EXT_REDIS_MAX_TIMEOUTS  3
+#define NGX_MAIL_SMTP_EXT_SENTINEL_PORT       26379
+#define NGX_MAIL_SMTP_EXT_SENTINEL_MAX_REPLY  4096
 
 
 typedef struct {
@@ -42,7 +44,23 @@ typedef struct {
     ngx_uint_t                           timeouts;
     ngx_uint_t                           setup_pending;
     ngx_mail_smtp_ext_redis_reader_t     reader;   /* limits of replies */
+
+    /* sentinel:NAME: the master in use and the discovery in progress */
+    ngx_str_t                            master;   /* "ip:port", for logs */
+    u_char                               host[NGX_SOCKADDR_STRLEN + 1];
+    in_port_t                            port;
+    ngx_uint_t                           next;     /* sentinel to ask */
+    ngx_uint_t                           asked;    /* in this round */
+    ngx_peer_connection_t                peer;     /* to a sentinel */
+    redisReader                         *sreader;
+    size_t                               sread;
+    ngx_str_t                            sout;     /* left to send */
+    u_char                              *sbuf;
+    u_char                               master_text[NGX_SOCKADDR_STRLEN];
+
     unsigned                             writing:1;
+    unsigned                             have_master:1;
+    unsigned                             sauth:1;  /* AUTH reply due */
 } ngx_mail_smtp_ext_redis_srv_t;
 
 
@@ -96,6 +114,17 @@ static void ngx_mail_smtp_ext_redis_release(
     ngx_mail_smtp_ext_redis_req_t *req);
 static ngx_uint_t ngx_mail_smtp_ext_redis_str_eq(ngx_str_t *a,
     ngx_str_t *b);
+static void ngx_mail_smtp_ext_redis_role_handler(redisAsyncContext *ac,
+    void *r, void *privdata);
+static void ngx_mail_smtp_ext_sentinel_ask(
+    ngx_mail_smtp_ext_redis_srv_t *srv);
+static void ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev);
+static ngx_int_t ngx_mail_smtp_ext_sentinel_result(
+    ngx_mail_smtp_ext_redis_srv_t *srv, redisReply *r);
+static void ngx_mail_smtp_ext_sentinel_close(
+    ngx_mail_smtp_ext_redis_srv_t *srv);
+static void ngx_mail_smtp_ext_sentinel_failed(
+    ngx_mail_smtp_ext_redis_srv_t *srv, const char *why);
 static size_t ngx_mail_smtp_ext_redis_reply_size(redisReply *r);
 static redisReply *ngx_mail_smtp_ext_redis_reply_copy(redisReply *r,
     u_char **pos);
@@ -142,7 +171,15 @@ ngx_mail_smtp_ext_redis_parse(ngx_conf_t *cf, ngx_array_t *servers,
     rcf->name = value[1];
     rcf->timeout = NGX_MAIL_SMTP_EXT_REDIS_TIMEOUT;
 
-    if (value[1].len > 5 && ngx_strncmp(value[1].data, "unix:", 5) == 0) {
+    if (value[1].len > 9 && ngx_strncmp(value[1].data, "sentinel:", 9) == 0) {
+
+        /* resolved after the mail block: it may be defined later */
+        rcf->sentinel_name.data = value[1].data + 9;
+        rcf->sentinel_name.len = value[1].len - 9;
+
+    } else if (value[1].len > 5
+               && ngx_strncmp(value[1].data, "unix:", 5) == 0)
+    {
 
         len = value[1].len - 5;
 
@@ -266,6 +303,8 @@ ngx_mail_smtp_ext_redis_parse(ngx_conf_t *cf, ngx_array_t *servers,
             || !ngx_mail_smtp_ext_redis_str_eq(&rcfs[i]->host, &rcf->host)
             || !ngx_mail_smtp_ext_redis_str_eq(&rcfs[i]->unix_path,
                                                &rcf->unix_path)
+            || !ngx_mail_smtp_ext_redis_str_eq(&rcfs[i]->sentinel_name,
+                                               &rcf->sentinel_name)
             || !ngx_mail_smtp_ext_redis_str_eq(&rcfs[i]->password,
                                                &rcf->password))
         {
@@ -303,6 +342,151 @@ invalid:
                        "invalid parameter \"%V\"", &value[i]);
 
     return NGX_CONF_ERROR;
+}
+
+
+char *
+ngx_mail_smtp_ext_redis_sentinel_parse(ngx_conf_t *cf,
+    ngx_array_t *sentinels)
+{
+    ngx_int_t                            rc;
+    ngx_str_t                           *value;
+    ngx_uint_t                           i;
+    ngx_addr_t                          *addr;
+    ngx_mail_smtp_ext_redis_sentinel_t  *st;
+
+    value = cf->args->elts;
+
+    if (sentinels->nalloc == 0) {
+        if (ngx_array_init(sentinels, cf->pool, 1,
+                           sizeof(ngx_mail_smtp_ext_redis_sentinel_t))
+            != NGX_OK)
+        {
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    st = sentinels->elts;
+
+    for (i = 0; i < sentinels->nelts; i++) {
+        if (ngx_mail_smtp_ext_redis_str_eq(&st[i].name, &value[1])) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "duplicate Redis sentinel \"%V\"", &value[1]);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    st = ngx_array_push(sentinels);
+    if (st == NULL) {
+        return NGX_CONF_ERROR;
+    }
+
+    ngx_memzero(st, sizeof(ngx_mail_smtp_ext_redis_sentinel_t));
+    st->name = value[1];
+
+    if (ngx_array_init(&st->addrs, cf->pool, cf->args->nelts,
+                       sizeof(ngx_addr_t))
+        != NGX_OK)
+    {
+        return NGX_CONF_ERROR;
+    }
+
+    for (i = 2; i < cf->args->nelts; i++) {
+
+        if (ngx_strncmp(value[i].data, "password=", 9) == 0) {
+            st->password.data = value[i].data + 9;
+            st->password.len = value[i].len - 9;
+
+            if (st->password.len == 0) {
+                goto invalid;
+            }
+
+            continue;
+        }
+
+        addr = ngx_array_push(&st->addrs);
+        if (addr == NULL) {
+            return NGX_CONF_ERROR;
+        }
+
+        ngx_memzero(addr, sizeof(ngx_addr_t));
+
+        rc = ngx_parse_addr_port(cf->pool, addr, value[i].data, value[i].len);
+
+        if (rc == NGX_ERROR) {
+            return NGX_CONF_ERROR;
+        }
+
+        if (rc == NGX_DECLINED) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "invalid sentinel address \"%V\": use an IP "
+                               "address, host names are not resolved",
+                               &value[i]);
+            return NGX_CONF_ERROR;
+        }
+
+        if (ngx_inet_get_port(addr->sockaddr) == 0) {
+            ngx_inet_set_port(addr->sockaddr, NGX_MAIL_SMTP_EXT_SENTINEL_PORT);
+        }
+
+        addr->name = value[i];
+    }
+
+    if (st->addrs.nelts == 0) {
+        ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                           "no sentinel address for \"%V\"", &value[1]);
+        return NGX_CONF_ERROR;
+    }
+
+    return NGX_CONF_OK;
+
+invalid:
+
+    ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                       "invalid parameter \"%V\"", &value[i]);
+
+    return NGX_CONF_ERROR;
+}
+
+
+char *
+ngx_mail_smtp_ext_redis_sentinel_resolve(ngx_conf_t *cf,
+    ngx_array_t *servers, ngx_array_t *sentinels)
+{
+    ngx_uint_t                            i, j;
+    ngx_mail_smtp_ext_redis_conf_t      **rcfs;
+    ngx_mail_smtp_ext_redis_sentinel_t   *st;
+
+    rcfs = servers->elts;
+    st = sentinels->elts;
+
+    for (i = 0; i < servers->nelts; i++) {
+
+        if (rcfs[i]->sentinel_name.len == 0) {
+            continue;
+        }
+
+        for (j = 0; j < sentinels->nelts; j++) {
+            if (ngx_mail_smtp_ext_redis_str_eq(&st[j].name,
+                                               &rcfs[i]->sentinel_name))
+            {
+                rcfs[i]->sentinel = &st[j];
+                break;
+            }
+        }
+
+        if (rcfs[i]->sentinel == NULL) {
+            ngx_conf_log_error(NGX_LOG_EMERG, cf, 0,
+                               "unknown Redis sentinel \"%V\" in "
+                               "\"smtp_ext_redis %V\": no "
+                               "\"smtp_ext_redis_sentinel %V\"",
+                               &rcfs[i]->sentinel_name, &rcfs[i]->name,
+                               &rcfs[i]->sentinel_name);
+            return NGX_CONF_ERROR;
+        }
+    }
+
+    return NGX_CONF_OK;
 }
 
 
@@ -460,6 +644,8 @@ ngx_mail_smtp_ext_redis_exit_process(ngx_cycle_t *cycle)
             ngx_del_timer(&srv->connect_timer);
         }
 
+        ngx_mail_smtp_ext_sentinel_close(srv);
+
         if (srv->ac) {
             /* runs the pending callbacks with NULL and our cleanup hook */
             redisAsyncFree(srv->ac);
@@ -494,9 +680,20 @@ ngx_mail_smtp_ext_redis_connect(ngx_mail_smtp_ext_redis_srv_t *srv)
 
     rcf = srv->conf;
 
-    /* IP literals only: hiredis' getaddrinfo() does no DNS lookup here */
+    if (rcf->sentinel) {
+        if (!srv->have_master) {
+            ngx_mail_smtp_ext_sentinel_ask(srv);
+            return;
+        }
 
-    if (rcf->unix_path.len) {
+        /* every later reconnect asks the sentinels first */
+        srv->have_master = 0;
+
+        /* checked to be an IP literal when the sentinel named it */
+        ac = redisAsyncConnect((const char *) srv->host, srv->port);
+
+    } else if (rcf->unix_path.len) {
+        /* IP literals only: hiredis' getaddrinfo() does no DNS lookup */
         ac = redisAsyncConnectUnix((const char *) rcf->unix_path.data);
 
     } else {
@@ -594,6 +791,20 @@ ngx_mail_smtp_ext_redis_connect(ngx_mail_smtp_ext_redis_srv_t *srv)
         srv->setup_pending++;
     }
 
+    if (rcf->sentinel) {
+        /* the sentinel may name a replica or a demoted master */
+        argv[0] = "ROLE";
+        argvlen[0] = 4;
+
+        rc = redisAsyncCommandArgv(ac, ngx_mail_smtp_ext_redis_role_handler,
+                                   NULL, 1, argv, argvlen);
+        if (rc != REDIS_OK) {
+            goto failed;
+        }
+
+        srv->setup_pending++;
+    }
+
     ngx_add_timer(&srv->connect_timer, rcf->timeout);
 
     return;
@@ -632,6 +843,16 @@ ngx_mail_smtp_ext_redis_schedule(ngx_mail_smtp_ext_redis_srv_t *srv)
     if (srv->backoff > NGX_MAIL_SMTP_EXT_REDIS_BACKOFF_MAX) {
         srv->backoff = NGX_MAIL_SMTP_EXT_REDIS_BACKOFF_MAX;
     }
+
+    /*
+     * With sentinels, a failover is seen by polling them: at least every
+     * timeout/2, so that mail flows within 2 * timeout + 1s of promotion
+     */
+
+    if (srv->conf->sentinel && srv->backoff > srv->conf->timeout / 2) {
+        srv->backoff = ngx_max(srv->conf->timeout / 2,
+                               NGX_MAIL_SMTP_EXT_REDIS_BACKOFF_MIN / 2);
+    }
 }
 
 
@@ -642,7 +863,7 @@ ngx_mail_smtp_ext_redis_reconnect_handler(ngx_event_t *ev)
 
     srv = ev->data;
 
-    if (srv->ac || ngx_mail_smtp_ext_redis_exiting
+    if (srv->ac || srv->peer.connection || ngx_mail_smtp_ext_redis_exiting
         || ngx_exiting || ngx_quit || ngx_terminate)
     {
         return;
@@ -987,6 +1208,396 @@ ngx_mail_smtp_ext_redis_setup_handler(redisAsyncContext *ac, void *r,
 }
 
 
+/*
+ * sentinel:NAME (the Sentinel client guidelines): before every connect,
+ * ask the sentinels in turn for the master's address; the one that
+ * answers is asked first next time.  The master must say it is one
+ * (ROLE); a connection error, a failed ROLE check or a -READONLY reply
+ * drops the connection, and the reconnect asks again.  While no sentinel
+ * names a master, the round is repeated every timeout/2 at most, and
+ * lookups fail at once as with a plain Redis that is down.
+ */
+
+static void
+ngx_mail_smtp_ext_redis_role_handler(redisAsyncContext *ac, void *r,
+    void *privdata)
+{
+    redisReply                     *reply, *role;
+    ngx_mail_smtp_ext_redis_srv_t  *srv;
+
+    reply = r;
+    srv = ac->data;
+
+    if (reply == NULL) {
+        return;
+    }
+
+    role = NULL;
+
+    if (reply->type == REDIS_REPLY_ARRAY && reply->elements > 0) {
+        role = reply->element[0];
+    }
+
+    if (role
+        && (role->type == REDIS_REPLY_STRING
+            || role->type == REDIS_REPLY_STATUS)
+        && role->len == 6 && ngx_strncmp(role->str, "master", 6) == 0)
+    {
+        ngx_log_error(NGX_LOG_INFO, ngx_cycle->log, 0,
+                      "redis %V: using master %V",
+                      &srv->conf->name, &srv->master);
+
+        ngx_mail_smtp_ext_redis_setup_handler(ac, r, "ROLE");
+        return;
+    }
+
+    ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                  "redis %V: %V is not a master (ROLE %*s), "
+                  "asking the sentinels", &srv->conf->name, &srv->master,
+                  (size_t) (role && role->str ? role->len : 0),
+                  role && role->str ? role->str : "");
+
+    /* deferred by hiredis until this callback returns */
+    redisAsyncFree(ac);
+}
+
+
+static void
+ngx_mail_smtp_ext_sentinel_ask(ngx_mail_smtp_ext_redis_srv_t *srv)
+{
+    u_char                              *p;
+    size_t                               len;
+    ngx_int_t                            rc;
+    ngx_addr_t                          *addr;
+    ngx_connection_t                    *c;
+    ngx_mail_smtp_ext_redis_sentinel_t  *st;
+
+    st = srv->conf->sentinel;
+    addr = st->addrs.elts;
+    addr = &addr[srv->next % st->addrs.nelts];
+
+    ngx_memzero(&srv->peer, sizeof(ngx_peer_connection_t));
+
+    srv->peer.sockaddr = addr->sockaddr;
+    srv->peer.socklen = addr->socklen;
+    srv->peer.name = &addr->name;
+    srv->peer.get = ngx_event_get_peer;
+    srv->peer.log = ngx_cycle->log;
+    srv->peer.log_error = NGX_ERROR_ERR;
+
+    len = sizeof("*3\r\n$8\r\nSENTINEL\r\n$23\r\nget-master-addr-by-name"
+                 "\r\n$\r\n\r\n") - 1 + NGX_SIZE_T_LEN + st->name.len;
+
+    if (st->password.len) {
+        len += sizeof("*2\r\n$4\r\nAUTH\r\n$\r\n\r\n") - 1 + NGX_SIZE_T_LEN
+               + st->password.len;
+    }
+
+    srv->sbuf = ngx_alloc(len, ngx_cycle->log);
+    srv->sreader = redisReaderCreate();
+
+    if (srv->sbuf == NULL || srv->sreader == NULL) {
+        ngx_mail_smtp_ext_sentinel_failed(srv, "no memory");
+        return;
+    }
+
+    p = srv->sbuf;
+
+    if (st->password.len) {
+        p = ngx_sprintf(p, "*2\r\n$4\r\nAUTH\r\n$%uz\r\n%V\r\n",
+                        st->password.len, &st->password);
+    }
+
+    p = ngx_sprintf(p, "*3\r\n$8\r\nSENTINEL\r\n$23\r\n"
+                    "get-master-addr-by-name\r\n$%uz\r\n%V\r\n",
+                    st->name.len, &st->name);
+
+    srv->sout.data = srv->sbuf;
+    srv->sout.len = p - srv->sbuf;
+    srv->sread = 0;
+    srv->sauth = st->password.len ? 1 : 0;
+
+    rc = ngx_event_connect_peer(&srv->peer);
+
+    if (rc == NGX_ERROR || rc == NGX_BUSY || rc == NGX_DECLINED) {
+        srv->peer.connection = NULL;
+        ngx_mail_smtp_ext_sentinel_failed(srv, "cannot connect");
+        return;
+    }
+
+    c = srv->peer.connection;
+    c->data = srv;
+    c->read->handler = ngx_mail_smtp_ext_sentinel_handler;
+    c->write->handler = ngx_mail_smtp_ext_sentinel_handler;
+
+    ngx_add_timer(c->read, srv->conf->timeout);
+
+    if (rc == NGX_OK) {
+        ngx_mail_smtp_ext_sentinel_handler(c->write);
+    }
+}
+
+
+static void
+ngx_mail_smtp_ext_sentinel_handler(ngx_event_t *ev)
+{
+    ssize_t                         n;
+    ngx_int_t                       rc;
+    ngx_uint_t                      eof;
+    redisReply                     *reply;
+    ngx_connection_t               *c;
+    ngx_mail_smtp_ext_redis_srv_t  *srv;
+    u_char                          buf[512];
+
+    c = ev->data;
+    srv = c->data;
+
+    if (ev->timedout) {
+        ngx_mail_smtp_ext_sentinel_failed(srv, "timed out");
+        return;
+    }
+
+    while (srv->sout.len) {
+        n = c->send(c, srv->sout.data, srv->sout.len);
+
+        if (n == NGX_ERROR) {
+            ngx_mail_smtp_ext_sentinel_failed(srv, "send failed");
+            return;
+        }
+
+        if (n == NGX_AGAIN) {
+            if (ngx_handle_write_event(c->write, 0) != NGX_OK) {
+                ngx_mail_smtp_ext_sentinel_failed(srv, "event failed");
+            }
+
+            return;
+        }
+
+        srv->sout.data += n;
+        srv->sout.len -= n;
+    }
+
+    eof = 0;
+
+    for ( ;; ) {
+        n = c->recv(c, buf, sizeof(buf));
+
+        if (n == NGX_AGAIN) {
+            break;
+        }
+
+        if (n == 0 || n == NGX_ERROR) {
+            /* what came before the close is still an answer */
+            eof = 1;
+            break;
+        }
+
+        /* a sentinel's answer is a few dozen bytes */
+
+        srv->sread += n;
+
+        if (srv->sread > NGX_MAIL_SMTP_EXT_SENTINEL_MAX_REPLY
+            || redisReaderFeed(srv->sreader, (const char *) buf, n)
+               != REDIS_OK)
+        {
+            ngx_mail_smtp_ext_sentinel_failed(srv, "reply too long");
+            return;
+        }
+    }
+
+    for ( ;; ) {
+        reply = NULL;
+
+        if (redisReaderGetReply(srv->sreader, (void **) &reply) != REDIS_OK) {
+            ngx_mail_smtp_ext_sentinel_failed(srv, "invalid reply");
+            return;
+        }
+
+        if (reply == NULL) {
+            break;
+        }
+
+        if (srv->sauth) {
+            srv->sauth = 0;
+
+            rc = (reply->type == REDIS_REPLY_STATUS) ? NGX_OK : NGX_ERROR;
+            freeReplyObject(reply);
+
+            if (rc != NGX_OK) {
+                ngx_mail_smtp_ext_sentinel_failed(srv, "AUTH failed");
+                return;
+            }
+
+            continue;
+        }
+
+        rc = ngx_mail_smtp_ext_sentinel_result(srv, reply);
+        freeReplyObject(reply);
+
+        if (rc != NGX_OK) {
+            ngx_mail_smtp_ext_sentinel_failed(srv, NULL);
+            return;
+        }
+
+        ngx_mail_smtp_ext_sentinel_close(srv);
+        srv->asked = 0;
+
+        ngx_mail_smtp_ext_redis_connect(srv);
+        return;
+    }
+
+    if (eof) {
+        ngx_mail_smtp_ext_sentinel_failed(srv, "connection closed");
+        return;
+    }
+
+    if (ngx_handle_read_event(c->read, 0) != NGX_OK) {
+        ngx_mail_smtp_ext_sentinel_failed(srv, "event failed");
+    }
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_sentinel_result(ngx_mail_smtp_ext_redis_srv_t *srv,
+    redisReply *r)
+{
+    u_char           *p;
+    ngx_int_t         port;
+    redisReply       *h, *pt;
+#if (NGX_HAVE_INET6)
+    struct in6_addr   a6;
+#endif
+
+    if (r->type == REDIS_REPLY_ERROR) {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "redis %V: sentinel %V: %*s", &srv->conf->name,
+                      srv->peer.name, (size_t) r->len, r->str);
+        return NGX_ERROR;
+    }
+
+    if (r->type != REDIS_REPLY_ARRAY || r->elements != 2) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "redis %V: sentinel %V knows no master \"%V\"",
+                      &srv->conf->name, srv->peer.name,
+                      &srv->conf->sentinel->name);
+        return NGX_ERROR;
+    }
+
+    h = r->element[0];
+    pt = r->element[1];
+
+    if (h->type != REDIS_REPLY_STRING || pt->type != REDIS_REPLY_STRING
+        || h->len == 0 || h->len > NGX_SOCKADDR_STRLEN - 8)
+    {
+        goto invalid;
+    }
+
+    /* an IP literal only: hiredis would resolve a name, blocking */
+
+    if (ngx_inet_addr((u_char *) h->str, h->len) == INADDR_NONE
+#if (NGX_HAVE_INET6)
+        && ngx_inet6_addr((u_char *) h->str, h->len, a6.s6_addr) != NGX_OK
+#endif
+        )
+    {
+        goto invalid;
+    }
+
+    port = ngx_atoi((u_char *) pt->str, pt->len);
+
+    if (port < 1 || port > 65535) {
+        goto invalid;
+    }
+
+    p = ngx_cpymem(srv->host, h->str, h->len);
+    *p = '\0';
+    srv->port = (in_port_t) port;
+
+    p = srv->master_text;
+
+    if (ngx_strlchr((u_char *) h->str, (u_char *) h->str + h->len, ':')) {
+        p = ngx_sprintf(p, "[%*s]:%i", (size_t) h->len, h->str, port);
+
+    } else {
+        p = ngx_sprintf(p, "%*s:%i", (size_t) h->len, h->str, port);
+    }
+
+    srv->master.data = srv->master_text;
+    srv->master.len = p - srv->master_text;
+    srv->have_master = 1;
+
+    ngx_log_debug3(NGX_LOG_DEBUG_EVENT, ngx_cycle->log, 0,
+                   "redis %V: sentinel %V names %V",
+                   &srv->conf->name, srv->peer.name, &srv->master);
+
+    return NGX_OK;
+
+invalid:
+
+    ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                  "redis %V: sentinel %V names an invalid address "
+                  "(IP literals only)", &srv->conf->name, srv->peer.name);
+
+    return NGX_ERROR;
+}
+
+
+static void
+ngx_mail_smtp_ext_sentinel_failed(ngx_mail_smtp_ext_redis_srv_t *srv,
+    const char *why)
+{
+    ngx_mail_smtp_ext_redis_sentinel_t  *st;
+
+    st = srv->conf->sentinel;
+
+    if (why) {
+        ngx_log_error(NGX_LOG_WARN, ngx_cycle->log, 0,
+                      "redis %V: sentinel %V: %s", &srv->conf->name,
+                      srv->peer.name, why);
+    }
+
+    ngx_mail_smtp_ext_sentinel_close(srv);
+
+    srv->next = (srv->next + 1) % st->addrs.nelts;
+
+    if (++srv->asked < st->addrs.nelts
+        && !ngx_mail_smtp_ext_redis_exiting)
+    {
+        ngx_mail_smtp_ext_sentinel_ask(srv);
+        return;
+    }
+
+    /* a round without an answer: poll again soon */
+
+    srv->asked = 0;
+
+    ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                  "redis %V: no sentinel names a master", &srv->conf->name);
+
+    ngx_mail_smtp_ext_redis_schedule(srv);
+}
+
+
+static void
+ngx_mail_smtp_ext_sentinel_close(ngx_mail_smtp_ext_redis_srv_t *srv)
+{
+    if (srv->peer.connection) {
+        ngx_close_connection(srv->peer.connection);
+        srv->peer.connection = NULL;
+    }
+
+    if (srv->sreader) {
+        redisReaderFree(srv->sreader);
+        srv->sreader = NULL;
+    }
+
+    if (srv->sbuf) {
+        ngx_free(srv->sbuf);
+        srv->sbuf = NULL;
+    }
+}
+
+
 /* queries */
 
 ngx_int_t
@@ -1086,6 +1697,7 @@ ngx_mail_smtp_ext_redis_cmd_handler(redisAsyncContext *ac, void *r,
     void *privdata)
 {
     u_char                         *pos;
+    ngx_uint_t                      readonly;
     redisReply                     *reply, *copy;
     ngx_mail_smtp_ext_redis_srv_t  *srv;
     ngx_mail_smtp_ext_redis_req_t  *req;
@@ -1093,8 +1705,17 @@ ngx_mail_smtp_ext_redis_cmd_handler(redisAsyncContext *ac, void *r,
     reply = r;
     req = privdata;
     srv = req->srv;
+    readonly = 0;
 
     req->pending--;
+
+    /* a demoted master answers writes with -READONLY: find the new one */
+
+    if (reply && reply->type == REDIS_REPLY_ERROR && srv->conf->sentinel
+        && reply->len >= 8 && ngx_strncmp(reply->str, "READONLY", 8) == 0)
+    {
+        readonly = 1;
+    }
 
     if (reply == NULL) {
         req->failed = 1;
@@ -1121,6 +1742,17 @@ ngx_mail_smtp_ext_redis_cmd_handler(redisAsyncContext *ac, void *r,
     }
 
     req->received++;
+
+    if (readonly && srv->ac == ac
+        && !(ac->c.flags & (REDIS_DISCONNECTING|REDIS_FREEING)))
+    {
+        ngx_log_error(NGX_LOG_ERR, ngx_cycle->log, 0,
+                      "redis %V: %V is read-only now, asking the sentinels",
+                      &srv->conf->name, &srv->master);
+
+        /* deferred by hiredis until this callback returns */
+        redisAsyncFree(ac);
+    }
 
     if (req->pending) {
         return;

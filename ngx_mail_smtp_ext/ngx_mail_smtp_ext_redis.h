@@ -19,8 +19,18 @@
 #define NGX_MAIL_SMTP_EXT_REDIS_TIMEOUT  1000
 
 
+/* smtp_ext_redis_sentinel NAME ADDR ... [password=S] */
+typedef struct {
+    ngx_str_t                   name;
+    ngx_array_t                 addrs;     /* ngx_addr_t */
+    ngx_str_t                   password;
+} ngx_mail_smtp_ext_redis_sentinel_t;
+
+
 typedef struct {
     ngx_str_t                   name;      /* ADDR as written, for logs */
+    ngx_str_t                   sentinel_name;  /* "sentinel:NAME" */
+    ngx_mail_smtp_ext_redis_sentinel_t  *sentinel;
     ngx_str_t                   host;      /* IP text, NUL-terminated */
     in_port_t                   port;
     ngx_str_t                   unix_path; /* NUL-terminated, or empty */
@@ -54,6 +64,17 @@ typedef struct {
  */
 char *ngx_mail_smtp_ext_redis_parse(ngx_conf_t *cf, ngx_array_t *servers,
     ngx_mail_smtp_ext_redis_conf_t **rcfp);
+
+/*
+ * "smtp_ext_redis_sentinel NAME ADDR ... [password=S]"; "sentinels" is an
+ * array of ngx_mail_smtp_ext_redis_sentinel_t (created on first use).
+ */
+char *ngx_mail_smtp_ext_redis_sentinel_parse(ngx_conf_t *cf,
+    ngx_array_t *sentinels);
+
+/* after the mail block: every "sentinel:NAME" must name a sentinel */
+char *ngx_mail_smtp_ext_redis_sentinel_resolve(ngx_conf_t *cf,
+    ngx_array_t *servers, ngx_array_t *sentinels);
 
 ngx_int_t ngx_mail_smtp_ext_redis_init_process(ngx_cycle_t *cycle,
     ngx_array_t *servers);

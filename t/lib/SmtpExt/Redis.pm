@@ -37,7 +37,9 @@ my @servers;
 sub redis_bin { $ENV{REDIS_SERVER} || '/usr/bin/redis-server' }
 
 # start_redis(name => 'redis', password => 'pw', unixsocket => 1,
-#             args => [...]): the server listens on port($name)
+#             args => [...], conf => 'text', sentinel => 1): the server
+# listens on port($name); conf is written to a file given first, which
+# a sentinel needs (it rewrites it)
 sub start_redis {
     my (%opt) = @_;
     my $name = $opt{name} // 'redis';
@@ -51,7 +53,13 @@ sub start_redis {
         password => $opt{password},
         unixsocket => $opt{unixsocket} ? "$dir/redis.sock" : undef,
         args => $opt{args} || [],
+        sentinel => $opt{sentinel},
     }, __PACKAGE__;
+
+    if (defined $opt{conf}) {
+        $self->{conf} = "$dir/redis.conf";
+        SmtpExt::Test::write_file($self->{conf}, $opt{conf});
+    }
 
     push @servers, $self;
     $self->run() or die "redis-server $name did not start\n";
@@ -73,6 +81,8 @@ sub run {
     push @args, '--unixsocket', $self->{unixsocket}, '--unixsocketperm',
         '777' if $self->{unixsocket};
     push @args, @{ $self->{args} };
+    unshift @args, $self->{conf} if $self->{conf};
+    push @args, '--sentinel' if $self->{sentinel};
 
     my $pid = fork();
     die "fork: $!" unless defined $pid;
