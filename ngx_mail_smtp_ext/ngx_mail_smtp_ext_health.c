@@ -686,11 +686,13 @@ ngx_mail_smtp_ext_hc_done(ngx_mail_smtp_ext_hc_probe_t *pr, ngx_uint_t ok,
 
     ngx_mail_smtp_ext_hc_close(pr);
 
-    st = ngx_mail_smtp_ext_peer_state(pr->peer);
-
     logged = 0;
 
+    /* the lock first: a reload may have detached this worker's state */
+
     ngx_mail_smtp_ext_pool_lock(pool);
+
+    st = ngx_mail_smtp_ext_peer_state(pr->peer);
 
     if (st->hc_owner == ngx_pid) {
         st->hc_owner = 0;
@@ -770,11 +772,12 @@ ngx_mail_smtp_ext_hc_abort(ngx_mail_smtp_ext_hc_probe_t *pr)
     ngx_mail_smtp_ext_peer_state_t  *st;
 
     pool = pr->hc->pool;
-    st = ngx_mail_smtp_ext_peer_state(pr->peer);
 
     ngx_mail_smtp_ext_hc_close(pr);
 
     ngx_mail_smtp_ext_pool_lock(pool);
+
+    st = ngx_mail_smtp_ext_peer_state(pr->peer);
 
     if (st->hc_owner == ngx_pid) {
         st->hc_owner = 0;

@@ -1032,6 +1032,8 @@ ngx_mail_smtp_ext_init_process(ngx_cycle_t *cycle)
         return NGX_OK;
     }
 
+    ngx_mail_smtp_ext_upstream_init_process(smcf);
+
     if (ngx_mail_smtp_ext_health_init_process(cycle, smcf) != NGX_OK) {
         return NGX_ERROR;
     }

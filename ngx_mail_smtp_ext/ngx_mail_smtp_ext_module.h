@@ -40,6 +40,10 @@
 #define NGX_MAIL_SMTP_EXT_HOLDS            8
 
 
+/* worker process slots whose connections a pool zone tracks apart */
+#define NGX_MAIL_SMTP_EXT_WSLOTS           32
+
+
 /*
  * A peer's run-time state: per worker, or with "zone" in shared memory
  * for all workers of the node (then read and written under the zone's
@@ -52,6 +56,10 @@ typedef struct {
     ngx_uint_t                      fails;
     time_t                          checked;    /* fail_timeout clock */
     ngx_uint_t                      conns;      /* cached idle ones too */
+    ngx_uint_t                      wconns[NGX_MAIL_SMTP_EXT_WSLOTS];
+                                                /* conns per worker slot:
+                                                   a killed worker's are
+                                                   given back */
 
     /* active health checks */
     ngx_uint_t                      hc_fails;   /* in a row */
@@ -103,6 +111,7 @@ typedef struct {
     /* zone NAME [SIZE] */
     ngx_shm_zone_t                 *shm_zone;
     ngx_slab_pool_t                *shpool;
+    ngx_uint_t                      generation; /* of the zone's state */
 
     /* health_check */
     ngx_msec_t                      hc_interval;    /* 0: no checks */
@@ -373,6 +382,8 @@ void ngx_mail_smtp_ext_peer_ready(ngx_mail_smtp_ext_pool_t *pool,
 void ngx_mail_smtp_ext_pool_lock(ngx_mail_smtp_ext_pool_t *pool);
 void ngx_mail_smtp_ext_pool_unlock(ngx_mail_smtp_ext_pool_t *pool);
 void ngx_mail_smtp_ext_pool_init_peer(ngx_mail_smtp_ext_peer_t *peer);
+void ngx_mail_smtp_ext_upstream_init_process(
+    ngx_mail_smtp_ext_main_conf_t *smcf);
 ngx_uint_t ngx_mail_smtp_ext_peer_index(ngx_mail_smtp_ext_pool_t *pool,
     ngx_mail_smtp_ext_peer_t *peer);
 

@@ -56,6 +56,7 @@ static uint32_t ngx_mail_smtp_ext_pool_signature(
 typedef struct {
     uint32_t                         magic;
     uint32_t                         signature;
+    ngx_uint_t                       generation;
     ngx_uint_t                       npeers;
     ngx_mail_smtp_ext_peer_state_t   peers[1];
 } ngx_mail_smtp_ext_zone_t;
@@ -411,11 +412,90 @@ ngx_mail_smtp_ext_pool_init_peer(ngx_mail_smtp_ext_peer_t *peer)
 }
 
 
+/*
+ * Takes the zone's lock.  A worker of an older configuration whose pool
+ * changed at a reload finds a newer generation there: the state its
+ * peers point to was freed by the reload, so it goes on with a state of
+ * its own and never touches the zone again.
+ */
+
 void
 ngx_mail_smtp_ext_pool_lock(ngx_mail_smtp_ext_pool_t *pool)
 {
-    if (pool->shpool) {
-        ngx_shmtx_lock(&pool->shpool->mutex);
+    ngx_uint_t                 i;
+    ngx_mail_smtp_ext_zone_t  *zone;
+    ngx_mail_smtp_ext_peer_t  *peers;
+
+    if (pool->shpool == NULL) {
+        return;
+    }
+
+    ngx_shmtx_lock(&pool->shpool->mutex);
+
+    zone = pool->shpool->data;
+
+    if (zone && zone->generation == pool->generation) {
+        return;
+    }
+
+    ngx_shmtx_unlock(&pool->shpool->mutex);
+
+    ngx_log_error(NGX_LOG_NOTICE, ngx_cycle->log, 0,
+                  "smtp_ext_upstream \"%V\" changed at a reload: this "
+                  "worker balances on its own until it exits", &pool->name);
+
+    peers = pool->peers.elts;
+
+    for (i = 0; i < pool->peers.nelts; i++) {
+        peers[i].shared = NULL;
+    }
+
+    pool->shpool = NULL;
+}
+
+
+/*
+ * A new worker in a process slot: connections counted for the slot's
+ * earlier owner, a worker that was killed, are given back.
+ */
+
+void
+ngx_mail_smtp_ext_upstream_init_process(ngx_mail_smtp_ext_main_conf_t *smcf)
+{
+    ngx_uint_t                        i, j;
+    ngx_mail_smtp_ext_pool_t        **pools;
+    ngx_mail_smtp_ext_peer_t         *peers;
+    ngx_mail_smtp_ext_peer_state_t   *st;
+
+    if (ngx_process_slot < 0
+        || ngx_process_slot >= NGX_MAIL_SMTP_EXT_WSLOTS)
+    {
+        return;
+    }
+
+    pools = smcf->pools.elts;
+
+    for (i = 0; i < smcf->pools.nelts; i++) {
+
+        if (pools[i]->shpool == NULL) {
+            continue;
+        }
+
+        ngx_mail_smtp_ext_pool_lock(pools[i]);
+
+        peers = pools[i]->peers.elts;
+
+        for (j = 0; j < pools[i]->peers.nelts && peers[j].shared; j++) {
+            st = peers[j].shared;
+
+            if (st->wconns[ngx_process_slot]) {
+                st->conns -= ngx_min(st->conns,
+                                     st->wconns[ngx_process_slot]);
+                st->wconns[ngx_process_slot] = 0;
+            }
+        }
+
+        ngx_mail_smtp_ext_pool_unlock(pools[i]);
     }
 }
 
@@ -456,6 +536,13 @@ ngx_mail_smtp_ext_get_peer(ngx_mail_smtp_ext_pool_t *pool, ngx_uint_t tried,
     if (peer) {
         st = ngx_mail_smtp_ext_peer_state(peer);
         st->conns++;
+
+        if (peer->shared && ngx_process_slot >= 0
+            && ngx_process_slot < NGX_MAIL_SMTP_EXT_WSLOTS)
+        {
+            st->wconns[ngx_process_slot]++;
+        }
+
         (void) ngx_atomic_fetch_add(&st->selected, 1);
     }
 
@@ -600,12 +687,19 @@ ngx_mail_smtp_ext_peer_done(ngx_mail_smtp_ext_pool_t *pool,
 {
     ngx_mail_smtp_ext_peer_state_t  *st;
 
-    st = ngx_mail_smtp_ext_peer_state(peer);
-
     ngx_mail_smtp_ext_pool_lock(pool);
+
+    st = ngx_mail_smtp_ext_peer_state(peer);
 
     if (st->conns) {
         st->conns--;
+    }
+
+    if (peer->shared && ngx_process_slot >= 0
+        && ngx_process_slot < NGX_MAIL_SMTP_EXT_WSLOTS
+        && st->wconns[ngx_process_slot])
+    {
+        st->wconns[ngx_process_slot]--;
     }
 
     /*
@@ -637,9 +731,8 @@ ngx_mail_smtp_ext_peer_ready(ngx_mail_smtp_ext_pool_t *pool,
 {
     ngx_mail_smtp_ext_peer_state_t  *st;
 
-    st = ngx_mail_smtp_ext_peer_state(peer);
-
     ngx_mail_smtp_ext_pool_lock(pool);
+    st = ngx_mail_smtp_ext_peer_state(peer);
     st->fails = 0;
     ngx_mail_smtp_ext_pool_unlock(pool);
 }
@@ -720,7 +813,7 @@ ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone, void *data)
 
     size_t                            len;
     uint32_t                          signature;
-    ngx_uint_t                        i;
+    ngx_uint_t                        i, generation;
     ngx_slab_pool_t                  *shpool;
     ngx_mail_smtp_ext_zone_t         *zone;
     ngx_mail_smtp_ext_peer_t         *peers;
@@ -739,6 +832,8 @@ ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone, void *data)
         && zone->signature == signature
         && zone->npeers == pool->peers.nelts)
     {
+        pool->generation = zone->generation;
+
         for (i = 0; i < pool->peers.nelts; i++) {
             peers[i].shared = &zone->peers[i];
 
@@ -746,11 +841,17 @@ ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone, void *data)
                 /* until the first good check of the new configuration */
                 zone->peers[i].unhealthy = 1;
                 zone->peers[i].hc_passes = 0;
+                zone->peers[i].hc_fails = 0;
             }
         }
 
         return NGX_OK;
     }
+
+    /* a new generation: old workers see it and leave the zone alone */
+
+    generation = (zone && zone->magic == NGX_MAIL_SMTP_EXT_ZONE_MAGIC)
+                 ? zone->generation + 1 : 1;
 
     if (zone) {
         ngx_slab_free(shpool, zone);
@@ -769,7 +870,9 @@ ngx_mail_smtp_ext_zone_init(ngx_shm_zone_t *shm_zone, void *data)
 
     zone->magic = NGX_MAIL_SMTP_EXT_ZONE_MAGIC;
     zone->signature = signature;
+    zone->generation = generation;
     zone->npeers = pool->peers.nelts;
+    pool->generation = generation;
 
     for (i = 0; i < pool->peers.nelts; i++) {
         st = &zone->peers[i];
