@@ -138,7 +138,8 @@ GetOptions(\%o, 'port=i', 'dir=s', 'pidfile=s', 'greeting=s', 'caps=s',
     'delay-read=i', 'read-size=i', 'lenient-dot', 'tls=s',
     'greeting-from=s', 'rcvbuf=i', 'pause-after-354=i', 'early-reply=s',
     'starttls-extra=s', 'reply-lines=s@', 'close-at=s', 'rst-at=s',
-    'byte-by-byte:i', 'chaos=i', 'tls-client-ca=s', 'tls-info')
+    'byte-by-byte:i', 'chaos=i', 'tls-client-ca=s', 'tls-info',
+    'bdat-chunk-reply=s')
     or die "bad options\n";
 
 my @steps = qw(greeting ehlo xclient starttls mail rcpt data body dot);
@@ -814,7 +815,12 @@ sub session {
                 $bdat = undef;
                 next if $b->{skip};
                 $note->("chunk $b->{n}" . ($b->{last} ? ' last' : ''));
-                if ($b->{last}) {
+                if (defined $o{'bdat-chunk-reply'}) {
+                    # --bdat-chunk-reply TEXT: every chunk of a BDAT
+                    # message is refused with TEXT; no message is stored
+                    $bdat_msg = '' if $b->{last};
+                    $send->($o{'bdat-chunk-reply'});
+                } elsif ($b->{last}) {
                     my $m = $bdat_msg;
                     $bdat_msg = '';
                     $end_data->($m);
