@@ -98,6 +98,8 @@ static ngx_str_t  ngx_smtp_ext_elsewhere = ngx_smtp_ext_reply(
     "452 4.5.3 Recipient routed elsewhere, send it in a new transaction");
 static ngx_str_t  ngx_smtp_ext_no_backend = ngx_smtp_ext_reply(
     "451 4.4.1 No backend available, try again later");
+static ngx_str_t  ngx_smtp_ext_bdat_size = ngx_smtp_ext_reply(
+    "421 4.5.4 BDAT chunk size unknown, closing connection");
 static ngx_str_t  ngx_smtp_ext_busy = ngx_smtp_ext_reply(
     "451 4.4.5 Backends busy, try again later");
 static ngx_str_t  ngx_smtp_ext_backend_lost = ngx_smtp_ext_reply(
@@ -742,6 +744,22 @@ ngx_mail_smtp_ext_execute(ngx_mail_session_t *s, u_char *line, size_t len)
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
     rc = ngx_smtp_parse_command(line, len, &cmd);
+
+    if (rc == NGX_SMTP_E_SYNTAX && cmd.cmd == NGX_SMTP_CMD_BDAT) {
+        /*
+         * The chunk's size is unknown: what follows could be its data
+         * or commands, and no reading is safe (RFC 3030): the session
+         * ends.
+         */
+
+        ngx_log_error(NGX_LOG_INFO, s->connection->log, 0,
+                      "client sent a BDAT without a valid size");
+
+        ngx_mail_smtp_ext_end_tx(s);
+        ngx_mail_smtp_ext_relay_close(s, 0);
+        ngx_mail_smtp_ext_close(s, &ngx_smtp_ext_bdat_size);
+        return NGX_DONE;
+    }
 
     switch (rc) {
 

@@ -172,8 +172,9 @@ typedef struct {
  *   3461).  A bad RET, ENVID, NOTIFY or ORCPT value is NGX_SMTP_E_SYNTAX
  *   (501); the DSN parameters, as they came, are in cmd->dsn[].
  *   Each may appear once; keywords and BODY values are caseless.
- *   BDAT takes a chunk size (1 to 18 digits) and an optional LAST;
- *   anything else is NGX_SMTP_E_SYNTAX, and then cmd->chunk is -1.
+ *   BDAT takes a chunk size (digits, up to the largest off_t) and an
+ *   optional LAST; anything else is NGX_SMTP_E_SYNTAX, and then
+ *   cmd->chunk is -1: the glue cannot know where the chunk ends.
  *   An 8-bit RCPT path only sets utf8_path: SMTPUTF8 belongs to the
  *   transaction, the glue decides.
  *   DATA, RSET, QUIT, STARTTLS take no argument (501 otherwise); NOOP,

@@ -774,7 +774,7 @@ ngx_smtp_parse_bdat(ngx_smtp_cmd_t *cmd)
     n = 0;
 
     for (digits = 0; p < last && ngx_smtp_digit(*p); p++, digits++) {
-        if (digits == 18) {
+        if (n > (NGX_SMTP_OFF_T_MAX - (*p - '0')) / 10) {
             return NGX_SMTP_E_SYNTAX;
         }
 

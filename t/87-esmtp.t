@@ -122,8 +122,8 @@ unlike($c->last_reply, qr/CHUNKING/, 'EHLO does not list CHUNKING');
 $c->send("BDAT 15 LAST\r\nQUIT\r\nNOOP\r\nX\r\nNOOP\r\n");
 $c->expect(qr/^502 5\.5\.1 /, 'BDAT: 502');
 $c->expect(qr/^250 2\.0\.0 /, 'the 15 octets were dropped, not executed');
-$c->cmd('BDAT 1x', qr/^501 5\.5\.4 /, 'BDAT with a bad size: 501');
-$c->cmd('QUIT', qr/^221 /);
+$c->cmd('BDAT 1x', qr/^421 4\.5\.4 /, 'BDAT with a bad size: 421, its end is unknown');
+ok($c->closed(3), 'and the session is closed');
 
 # SMTPUTF8: never relayed with UTF-8 addresses to a backend without it
 

@@ -222,8 +222,9 @@ is_deeply([($b{pl}->messages)[3 .. 3]], ["ok\r\n"],
     $c->expect(qr/^503 5\.5\.1 Need RCPT before BDAT/,
         'BDAT before an accepted RCPT: 503');
     $c->expect(qr/^250 2\.0\.0 Ok\r\n\z/, 'its octets dropped too');
-    $c->cmd('BDAT 1x', qr/^501 5\.5\.4 /, 'BDAT with a bad size: 501');
-    $c->cmd('QUIT', qr/^221 /);
+    $c->cmd('BDAT 1x', qr/^421 4\.5\.4 /,
+        'BDAT with a bad size: 421, its end is unknown');
+    ok($c->closed(3), 'BDAT with a bad size: the session is closed');
 }
 
 # chunking off: 502, not listed, octets dropped

@@ -244,7 +244,10 @@ static cmd_test_t  cmd_tests[] = {
     C_RC("BDAT 10 LASTX", SYN),
     C_RC("BDAT 10 LAST more", SYN),
     C_RC("BDAT 10x", SYN),
-    C_RC("BDAT 1234567890123456789", SYN),
+    C_RC("BDAT 1234567890123456789", OK),
+    C_RC("BDAT 9223372036854775807", OK),
+    C_RC("BDAT 9223372036854775808", SYN),
+    C_RC("BDAT 99999999999999999999", SYN),
 
     C_OK("AUTH PLAIN", NGX_SMTP_CMD_AUTH, "PLAIN"),
     C_OK("auth login", NGX_SMTP_CMD_AUTH, "login"),
@@ -859,9 +862,9 @@ test_dsn_bdat(void)
     PARSE("BDAT 0 LAST");
     CHECK(rc == NGX_SMTP_OK && cmd.chunk == 0 && cmd.last, "BDAT 0 LAST");
 
-    PARSE("BDAT  1234567890123456789");
+    PARSE("BDAT  99999999999999999999");
     CHECK(rc == NGX_SMTP_E_SYNTAX && cmd.chunk == -1,
-          "BDAT: 19 digits are too many");
+          "BDAT: 20 digits are too many");
 
     PARSE("BDAT 99999999999999999");
     CHECK(rc == NGX_SMTP_OK && cmd.chunk == 99999999999999999LL && !cmd.last,
