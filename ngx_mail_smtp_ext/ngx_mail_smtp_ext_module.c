@@ -12,6 +12,7 @@
 #endif
 
 #include "ngx_mail_smtp_ext_module.h"
+#include "ngx_mail_smtp_ext_cache.h"
 #include "ngx_mail_smtp_ext_version.h"
 #include "ngx_mail_smtp_ext_edge.h"
 
@@ -75,6 +76,13 @@ static ngx_command_t  ngx_mail_smtp_ext_commands[] = {
       NGX_MAIL_MAIN_CONF|NGX_MAIL_SRV_CONF|NGX_CONF_1MORE,
       ngx_mail_smtp_ext_redis,
       NGX_MAIL_SRV_CONF_OFFSET,
+      0,
+      NULL },
+
+    { ngx_string("smtp_ext_redis_cache"),
+      NGX_MAIL_MAIN_CONF|NGX_CONF_TAKE123,
+      ngx_mail_smtp_ext_cache_conf,
+      NGX_MAIL_MAIN_CONF_OFFSET,
       0,
       NULL },
 

@@ -135,6 +135,7 @@ typedef struct {
     ngx_array_t                     pools;      /* ngx_mail_smtp_ext_pool_t * */
     ngx_array_t                     redis;      /* Redis servers, by pointer */
     ngx_array_t                     redis_sentinels;
+    void                           *cache;      /* smtp_ext_redis_cache */
 } ngx_mail_smtp_ext_main_conf_t;
 
 
@@ -288,6 +289,8 @@ typedef struct {
     ngx_str_t                       auth_passwd;  /* in auth_pool */
     ngx_str_t                       auth_route;   /* candidate user_route */
     ngx_pool_t                     *route_pool;   /* RCPT lookup, or NULL */
+    ngx_str_t                       route_keys[2]; /* in route_pool */
+    ngx_uint_t                      route_nkeys;
     void                           *route_holds[NGX_MAIL_SMTP_EXT_HOLDS];
     ngx_uint_t                      route_nholds; /* run-time routes held */
     unsigned                        lookup_cleanup:1; /* c->pool hook set */

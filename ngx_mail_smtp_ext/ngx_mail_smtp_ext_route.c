@@ -18,6 +18,7 @@
 #include <ngx_mail.h>
 
 #include "ngx_mail_smtp_ext_module.h"
+#include "ngx_mail_smtp_ext_cache.h"
 #include "ngx_mail_smtp_ext_redis.h"
 
 
@@ -52,6 +53,9 @@ static ngx_str_t  ngx_smtp_ext_bad_route = ngx_string(
 
 
 static ngx_int_t ngx_mail_smtp_ext_route_fail(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_route_stale(ngx_mail_session_t *s);
+static ngx_int_t ngx_mail_smtp_ext_route_decide(ngx_mail_session_t *s,
+    ngx_str_t *vals, ngx_uint_t n);
 static void ngx_mail_smtp_ext_route_looked_up(void *data,
     redisReply **replies, ngx_uint_t n);
 static ngx_int_t ngx_mail_smtp_ext_route_target(ngx_mail_session_t *s,
@@ -70,14 +74,16 @@ ngx_int_t
 ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
 {
     u_char                        *at;
-    ngx_str_t                      domain, rcpt_key, domain_key;
-    ngx_uint_t                     n;
+    ngx_str_t                      domain, rcpt_key, domain_key, vals[2];
+    ngx_uint_t                     i, n;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
     ngx_mail_smtp_ext_redis_cmd_t  cmds[2];
     const char                    *argv[4];
     size_t                         argvlen[4];
+
+    u_char                         vbuf[2][NGX_MAIL_SMTP_EXT_CACHE_VALUE_MAX];
 
     static const char  *get = "GET";
 
@@ -163,16 +169,137 @@ ngx_mail_smtp_ext_route(ngx_mail_session_t *s, ngx_str_t *rcpt)
         n = 2;
     }
 
+    ctx->route_keys[0] = rcpt_key;
+    ctx->route_keys[1] = (n == 2) ? domain_key : rcpt_key;
+    ctx->route_nkeys = n;
+
+    /* answered from the cache when every key of the recipient is there */
+
+    if (ngx_mail_smtp_ext_cache_enabled(s)) {
+        for (i = 0; i < n; i++) {
+            if (ngx_mail_smtp_ext_cache_get(s, &ctx->route_keys[i],
+                                            vbuf[i], &vals[i], 0)
+                != NGX_OK)
+            {
+                break;
+            }
+        }
+
+        if (i == n) {
+            ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_HIT);
+
+            ngx_destroy_pool(ctx->route_pool);
+            ctx->route_pool = NULL;
+
+            return ngx_mail_smtp_ext_route_decide(s, vals, n);
+        }
+
+        ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_MISS);
+    }
+
     if (ngx_mail_smtp_ext_redis_query(sscf->redis, ctx->route_pool, cmds, n,
                                       ngx_mail_smtp_ext_route_looked_up, s)
         != NGX_OK)
     {
-        return ngx_mail_smtp_ext_route_fail(s);
+        return ngx_mail_smtp_ext_route_stale(s);
     }
 
     ngx_mail_smtp_ext_wait_lookup(s);
 
     return NGX_AGAIN;
+}
+
+
+/*
+ * Redis failed: a recipient all of whose keys are in the cache, within
+ * "stale", is routed as then; otherwise the usual 451.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_route_stale(ngx_mail_session_t *s)
+{
+    ngx_uint_t                i, n;
+    ngx_str_t                 vals[2];
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    vbuf[2][NGX_MAIL_SMTP_EXT_CACHE_VALUE_MAX];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->route_pool == NULL || !ngx_mail_smtp_ext_cache_enabled(s)) {
+        return ngx_mail_smtp_ext_route_fail(s);
+    }
+
+    n = ctx->route_nkeys;
+
+    for (i = 0; i < n; i++) {
+        if (ngx_mail_smtp_ext_cache_get(s, &ctx->route_keys[i], vbuf[i],
+                                        &vals[i], 1)
+            == NGX_DECLINED)
+        {
+            return ngx_mail_smtp_ext_route_fail(s);
+        }
+    }
+
+    ngx_log_error(NGX_LOG_WARN, s->connection->log, 0,
+                  "smtp_ext: Redis failed, recipient routed from the cache");
+
+    ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_STALE);
+
+    ngx_destroy_pool(ctx->route_pool);
+    ctx->route_pool = NULL;
+
+    return ngx_mail_smtp_ext_route_decide(s, vals, n);
+}
+
+
+/*
+ * The route of a recipient from the values of its keys (rcpt:, then
+ * domain:; data NULL for a key Redis does not have): NGX_OK with
+ * ctx->pending_route set, or NGX_DECLINED with a reply queued.
+ */
+
+static ngx_int_t
+ngx_mail_smtp_ext_route_decide(ngx_mail_session_t *s, ngx_str_t *vals,
+    ngx_uint_t n)
+{
+    ngx_uint_t                     i;
+    ngx_smtp_route_t               rt;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    for (i = 0; i < n; i++) {
+
+        if (vals[i].data == NULL) {
+            continue;
+        }
+
+        if (i == 0
+            && ngx_smtp_route_target(vals[i].data, vals[i].len, &rt)
+               == NGX_SMTP_ROUTE_REJECT)
+        {
+            ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_rejected);
+            return NGX_DECLINED;
+        }
+
+        return ngx_mail_smtp_ext_route_target(s, vals[i].data, vals[i].len);
+    }
+
+    /*
+     * No route: only an authenticated client may relay; "<postmaster>"
+     * must always be taken (RFC 5321 4.5.1).
+     */
+
+    if (sscf->pass && (s->login.len || n == 1)) {
+        ctx->pending_route = sscf->pass;
+        return NGX_OK;
+    }
+
+    ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_relay_denied);
+
+    return NGX_DECLINED;
 }
 
 
@@ -200,15 +327,51 @@ ngx_mail_smtp_ext_route_looked_up(void *data, redisReply **replies,
 {
     ngx_mail_session_t *s = data;
 
-    ngx_int_t                      rc;
-    redisReply                    *r;
-    ngx_uint_t                     i;
-    ngx_smtp_route_t               rt;
-    ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+    ngx_int_t                 rc;
+    redisReply               *r;
+    ngx_str_t                 vals[2];
+    ngx_uint_t                i;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    if (replies == NULL) {
+        ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                      "smtp_ext: Redis lookup for RCPT failed");
+
+        rc = ngx_mail_smtp_ext_route_stale(s);
+        goto done;
+    }
+
+    for (i = 0; i < n && i < 2; i++) {
+        r = replies[i];
+
+        if (r->type == REDIS_REPLY_NIL) {
+            vals[i].data = NULL;
+            vals[i].len = 0;
+            continue;
+        }
+
+        if (r->type != REDIS_REPLY_STRING || r->len == 0) {
+            ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
+                          "smtp_ext: unexpected Redis reply type %d for "
+                          "a route", r->type);
+
+            rc = ngx_mail_smtp_ext_route_stale(s);
+            goto done;
+        }
+
+        vals[i].data = (u_char *) r->str;
+        vals[i].len = r->len;
+    }
+
+    /* the keys live in the lookup's pool: cache what Redis said first */
+
+    if (ctx->route_pool && ngx_mail_smtp_ext_cache_enabled(s)) {
+        for (i = 0; i < n && i < 2; i++) {
+            ngx_mail_smtp_ext_cache_put(s, &ctx->route_keys[i], &vals[i]);
+        }
+    }
 
     /* the query is finished and the replies are not in the pool */
 
@@ -217,60 +380,16 @@ ngx_mail_smtp_ext_route_looked_up(void *data, redisReply **replies,
         ctx->route_pool = NULL;
     }
 
-    if (replies == NULL) {
-        ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
-                      "smtp_ext: Redis lookup for RCPT failed");
-        ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_lookup_failed);
-        return;
-    }
+    rc = ngx_mail_smtp_ext_route_decide(s, vals, n);
 
-    for (i = 0; i < n; i++) {
-        r = replies[i];
+done:
 
-        if (r->type == REDIS_REPLY_NIL) {
-            continue;
-        }
-
-        if (r->type != REDIS_REPLY_STRING || r->len == 0) {
-            ngx_log_error(NGX_LOG_ERR, s->connection->log, 0,
-                          "smtp_ext: unexpected Redis reply type %d for "
-                          "a route", r->type);
-            ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_lookup_failed);
-            return;
-        }
-
-        if (i == 0
-            && ngx_smtp_route_target((u_char *) r->str, r->len, &rt)
-               == NGX_SMTP_ROUTE_REJECT)
-        {
-            ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_rejected);
-            return;
-        }
-
-        rc = ngx_mail_smtp_ext_route_target(s, (u_char *) r->str, r->len);
-
-        if (rc == NGX_OK) {
-            ngx_mail_smtp_ext_rcpt_routed(s);
-
-        } else {
-            ngx_mail_smtp_ext_lookup_done(s, NULL);
-        }
-
-        return;
-    }
-
-    /*
-     * No route: only an authenticated client may relay; "<postmaster>"
-     * must always be taken (RFC 5321 4.5.1).
-     */
-
-    if (sscf->pass && (s->login.len || n == 1)) {
-        ctx->pending_route = sscf->pass;
+    if (rc == NGX_OK) {
         ngx_mail_smtp_ext_rcpt_routed(s);
-        return;
-    }
 
-    ngx_mail_smtp_ext_lookup_done(s, &ngx_smtp_ext_relay_denied);
+    } else {
+        ngx_mail_smtp_ext_lookup_done(s, NULL);
+    }
 }
 
 
