@@ -96,9 +96,11 @@ WORKLOADS = [
      ['-d', '-s', '20'], env_int('BENCH_BIG_MSGS', 4000), 102400),
 ]
 
-CANDIDATES = ['ext-redis', 'ext', 'ext-zone', 'mail', 'stream', 'direct']
+CANDIDATES = ['ext-redis', 'ext-cache', 'ext', 'ext-zone', 'mail', 'stream',
+              'direct']
 LABELS = {
     'ext-redis': 'smtp_ext + Redis',
+    'ext-cache': 'smtp_ext + Redis + cache',
     'ext': 'smtp_ext, smtp_ext_pass',
     'ext-zone': 'smtp_ext, pool with zone',
     'mail': 'stock nginx mail',
@@ -683,13 +685,13 @@ def main():
             return
 
     ports = {k: free_port() for k in
-             ('sink', 'redis', 'auth', 'ext-redis', 'ext', 'ext-zone', 'mail',
-              'stream')}
+             ('sink', 'redis', 'auth', 'ext-redis', 'ext-cache', 'ext',
+              'ext-zone', 'mail', 'stream')}
     ports['direct'] = ports['sink']
 
     sink = start_sink(ports['sink'])
     redis = start_redis(ports['redis'], ports['sink']) \
-        if 'ext-redis' in CANDS else None
+        if 'ext-redis' in CANDS or 'ext-cache' in CANDS else None
     auth = None
     if 'mail' in CANDS:
         auth = Nginx('auth', ports['auth'], ports)
@@ -718,7 +720,7 @@ def main():
         ngx[c].start()
 
     def aux_pids(c):
-        if c == 'ext-redis':
+        if c in ('ext-redis', 'ext-cache'):
             return [redis.pid]
         if c == 'mail':
             return auth.pids()
@@ -784,7 +786,8 @@ def main():
             auxs = ''
             if aux is not None:
                 auxs = ('%s %s' % (fmt(aux, 1),
-                                   'redis' if c == 'ext-redis' else 'auth'))
+                                   'redis' if c in ('ext-redis', 'ext-cache')
+                                   else 'auth'))
             rows.append('%-10s %-24s %8s %7s %10s %8s %11s %9s %7s' % (
                 name, LABELS[c], fmt(med(name, c, 'msgs_s')),
                 fmt(med(name, c, 'mb_s'), 1), fmt(cpu, 1),
