@@ -61,7 +61,7 @@ my @examples = sort glob("$root/examples/*.conf");
 my %have = map { basename($_) => 1 } @examples;
 
 for my $name (qw(nginx.conf mx-postfix.conf submission.conf
-                 proxy-protocol.conf))
+                 proxy-protocol.conf several-nodes.conf))
 {
     ok($have{$name}, "examples/$name exists");
 }
