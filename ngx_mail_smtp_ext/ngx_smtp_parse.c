@@ -32,6 +32,8 @@ static int ngx_smtp_parse_path(ngx_smtp_cmd_t *cmd, u_char **pp,
     u_char *last, int mail);
 static int ngx_smtp_parse_domain(u_char **pp, u_char *last);
 static int ngx_smtp_parse_bdat(ngx_smtp_cmd_t *cmd);
+static u_char *ngx_smtp_next_param(u_char *p, u_char *last, u_char **kw,
+    size_t *kwlen, u_char **val, size_t *vlen, unsigned *has_val);
 static int ngx_smtp_parse_rcpt_params(ngx_smtp_cmd_t *cmd, u_char *p,
     u_char *last);
 static int ngx_smtp_xtext_valid(u_char *p, size_t len);
@@ -469,32 +471,7 @@ ngx_smtp_parse_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
     seen_envid = 0;
 
     while (p < last) {
-        kw = p;
-
-        while (p < last && *p != ' ' && *p != '=') {
-            p++;
-        }
-
-        kwlen = p - kw;
-        val = NULL;
-        vlen = 0;
-        has_val = 0;
-
-        if (p < last && *p == '=') {
-            p++;
-            val = p;
-
-            while (p < last && *p != ' ') {
-                p++;
-            }
-
-            vlen = p - val;
-            has_val = 1;
-        }
-
-        while (p < last && *p == ' ') {
-            p++;
-        }
+        p = ngx_smtp_next_param(p, last, &kw, &kwlen, &val, &vlen, &has_val);
 
         if (kwlen == 4 && ngx_smtp_caseless_eq(kw, "size", 4)) {
 
@@ -594,6 +571,46 @@ ngx_smtp_parse_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
 }
 
 
+/*
+ * One "KEYWORD[=value]" of a MAIL or RCPT line and the spaces after it;
+ * returns where the next one starts.
+ */
+
+static u_char *
+ngx_smtp_next_param(u_char *p, u_char *last, u_char **kw, size_t *kwlen,
+    u_char **val, size_t *vlen, unsigned *has_val)
+{
+    *kw = p;
+
+    while (p < last && *p != ' ' && *p != '=') {
+        p++;
+    }
+
+    *kwlen = p - *kw;
+    *val = NULL;
+    *vlen = 0;
+    *has_val = 0;
+
+    if (p < last && *p == '=') {
+        p++;
+        *val = p;
+
+        while (p < last && *p != ' ') {
+            p++;
+        }
+
+        *vlen = p - *val;
+        *has_val = 1;
+    }
+
+    while (p < last && *p == ' ') {
+        p++;
+    }
+
+    return p;
+}
+
+
 /* RCPT: NOTIFY= and ORCPT= only (RFC 3461 4.1, 4.2) */
 
 static int
@@ -601,36 +618,13 @@ ngx_smtp_parse_rcpt_params(ngx_smtp_cmd_t *cmd, u_char *p, u_char *last)
 {
     u_char    *kw, *val, *q, *w;
     size_t     kwlen, vlen;
-    unsigned   seen_notify, seen_orcpt, never, other;
+    unsigned   has_val, seen_notify, seen_orcpt, never, other;
 
     seen_notify = 0;
     seen_orcpt = 0;
 
     while (p < last) {
-        kw = p;
-
-        while (p < last && *p != ' ' && *p != '=') {
-            p++;
-        }
-
-        kwlen = p - kw;
-        val = NULL;
-        vlen = 0;
-
-        if (p < last && *p == '=') {
-            p++;
-            val = p;
-
-            while (p < last && *p != ' ') {
-                p++;
-            }
-
-            vlen = p - val;
-        }
-
-        while (p < last && *p == ' ') {
-            p++;
-        }
+        p = ngx_smtp_next_param(p, last, &kw, &kwlen, &val, &vlen, &has_val);
 
         if (kwlen == 6 && ngx_smtp_caseless_eq(kw, "notify", 6)) {
 
