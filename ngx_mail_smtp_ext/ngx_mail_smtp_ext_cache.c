@@ -149,6 +149,34 @@ invalid:
 }
 
 
+/*
+ * Servers may use different Redis servers (or databases) with the same
+ * keys: the cache key starts with which Redis configuration answered.
+ */
+
+#define NGX_MAIL_SMTP_EXT_CACHE_NSKEY                                         \
+    (sizeof(void *) + NGX_MAIL_SMTP_EXT_CACHE_KEY_MAX)
+
+static ngx_str_t *
+ngx_mail_smtp_ext_cache_key(ngx_mail_session_t *s, ngx_str_t *key,
+    ngx_str_t *nskey, u_char *buf)
+{
+    void                          *ns;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+    ns = sscf->redis;
+
+    ngx_memcpy(buf, &ns, sizeof(void *));
+    ngx_memcpy(buf + sizeof(void *), key->data, key->len);
+
+    nskey->data = buf;
+    nskey->len = sizeof(void *) + key->len;
+
+    return nskey;
+}
+
+
 static ngx_mail_smtp_ext_cache_t *
 ngx_mail_smtp_ext_cache_of(ngx_mail_session_t *s)
 {
@@ -307,7 +335,9 @@ ngx_mail_smtp_ext_cache_get(ngx_mail_session_t *s, ngx_str_t *key,
 {
     uint32_t                         hash;
     ngx_int_t                        rc;
+    ngx_str_t                        nskey;
     ngx_msec_int_t                   age;
+    u_char                           kbuf[NGX_MAIL_SMTP_EXT_CACHE_NSKEY];
     ngx_mail_smtp_ext_cache_t       *cache;
     ngx_mail_smtp_ext_cache_node_t  *cn;
 
@@ -317,6 +347,7 @@ ngx_mail_smtp_ext_cache_get(ngx_mail_session_t *s, ngx_str_t *key,
         return NGX_DECLINED;
     }
 
+    key = ngx_mail_smtp_ext_cache_key(s, key, &nskey, kbuf);
     hash = ngx_crc32_short(key->data, key->len);
 
     ngx_shmtx_lock(&cache->shpool->mutex);
@@ -370,7 +401,9 @@ ngx_mail_smtp_ext_cache_put(ngx_mail_session_t *s, ngx_str_t *key,
 {
     size_t                           n;
     uint32_t                         hash;
+    ngx_str_t                        nskey;
     ngx_queue_t                     *q;
+    u_char                           kbuf[NGX_MAIL_SMTP_EXT_CACHE_NSKEY];
     ngx_mail_smtp_ext_cache_t       *cache;
     ngx_mail_smtp_ext_cache_node_t  *cn, *old;
 
@@ -383,6 +416,7 @@ ngx_mail_smtp_ext_cache_put(ngx_mail_session_t *s, ngx_str_t *key,
         return;
     }
 
+    key = ngx_mail_smtp_ext_cache_key(s, key, &nskey, kbuf);
     hash = ngx_crc32_short(key->data, key->len);
     n = offsetof(ngx_mail_smtp_ext_cache_node_t, data) + key->len
         + value->len;
