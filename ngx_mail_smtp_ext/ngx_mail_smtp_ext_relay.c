@@ -165,6 +165,7 @@ static void ngx_mail_smtp_ext_relay_after_ehlo(ngx_mail_smtp_ext_relay_t *r);
 static void ngx_mail_smtp_ext_relay_command_reply(
     ngx_mail_smtp_ext_relay_t *r, ngx_uint_t code, u_char *p, size_t len);
 static void ngx_mail_smtp_ext_relay_ready(ngx_mail_smtp_ext_relay_t *r);
+static void ngx_mail_smtp_ext_relay_identify(ngx_mail_smtp_ext_relay_t *r);
 static ngx_int_t ngx_mail_smtp_ext_relay_send_line(
     ngx_mail_smtp_ext_relay_t *r, ngx_mail_smtp_ext_relay_state_e state,
     char *fmt, ...);
@@ -1539,15 +1540,7 @@ ngx_mail_smtp_ext_relay_handshake(ngx_mail_smtp_ext_relay_t *r,
             return;
         }
 
-        if (sscf->xclient && (r->ehlo.caps & NGX_SMTP_CAP_XCLIENT)) {
-            if (ngx_mail_smtp_ext_relay_xclient(r) != NGX_OK) {
-                ngx_mail_smtp_ext_relay_next(r, "XCLIENT failed");
-            }
-
-            return;
-        }
-
-        ngx_mail_smtp_ext_relay_ready(r);
+        ngx_mail_smtp_ext_relay_identify(r);
         return;
 
     case ngx_relay_xclient:
@@ -1601,6 +1594,19 @@ ngx_mail_smtp_ext_relay_after_ehlo(ngx_mail_smtp_ext_relay_t *r)
         ngx_mail_smtp_ext_relay_next(r, "does not offer STARTTLS");
         return;
     }
+
+    ngx_mail_smtp_ext_relay_identify(r);
+}
+
+
+/* XCLIENT for the session's client when the backend lists it, or ready */
+
+static void
+ngx_mail_smtp_ext_relay_identify(ngx_mail_smtp_ext_relay_t *r)
+{
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    sscf = ngx_mail_get_module_srv_conf(r->session, ngx_mail_smtp_ext_module);
 
     if (sscf->xclient && (r->ehlo.caps & NGX_SMTP_CAP_XCLIENT)) {
         if (ngx_mail_smtp_ext_relay_xclient(r) != NGX_OK) {

@@ -419,7 +419,7 @@ typedef enum {
     NGX_SMTP_PW_INVALID = 0,    /* neither "{SCHEME}..." nor "$id$..." */
     NGX_SMTP_PW_UNKNOWN,        /* "{OTHER}..." */
     NGX_SMTP_PW_PLAIN,          /* {PLAIN} {CLEARTEXT} */
-    NGX_SMTP_PW_CRYPT,          /* $id$..., {CRYPT}, {xxx-CRYPT} */
+    NGX_SMTP_PW_CRYPT,          /* $id$..., {CRYPT}, {NAME-CRYPT} */
     NGX_SMTP_PW_SHA,
     NGX_SMTP_PW_SSHA,
     NGX_SMTP_PW_SHA256,
