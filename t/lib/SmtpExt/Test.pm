@@ -40,7 +40,8 @@ use Time::HiRes qw(time sleep);
 
 our @EXPORT = qw(
     port testdir start_nginx stop_nginx nginx_t nginx_conf_text
-    start_backend start_smtp_sink smtp_client wait_for
+    start_backend start_smtp_sink start_postfix postfix_usable
+    smtp_client wait_for
     error_log error_log_clean worker_pid worker_rss gen_cert
     require_programs module_path mail_module_path nginx_bin
     read_file write_file
@@ -555,6 +556,146 @@ sub stop {
     kill 'TERM', $pid;
     my $gone = SmtpExt::Test::wait_for(
         sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, 5);
+    if (!$gone) {
+        kill 'KILL', $pid;
+        waitpid($pid, 0);
+    }
+}
+
+
+# a private Postfix smtpd as a backend
+
+package SmtpExt::Test;
+
+my @postfixes;
+my $postfix_dir = '/usr/lib/postfix/sbin';
+
+# why a private Postfix cannot run here, or '' when it can: master(8)
+# must start as root and drop to the postfix user
+sub postfix_usable {
+    return 'not root' if $> != 0;
+    return 'no postfix user' unless defined getpwnam('postfix');
+    for my $p ('/usr/sbin/postfix', "$postfix_dir/master",
+        "$postfix_dir/smtpd")
+    {
+        return "$p not found" unless -x $p;
+    }
+    return '';
+}
+
+# start_postfix(name => 'pf', filter => PORT, main => { param => value }):
+# Postfix's smtpd on port(name), with its own configuration, queue and
+# log below the test directory.  Every message is handed, before it is
+# queued, to the SMTP server on 127.0.0.1:PORT (smtpd_proxy_filter), so
+# the whole mail path is synchronous and nothing is queued or delivered.
+sub start_postfix {
+    my (%opt) = @_;
+    my $name = $opt{name} // 'postfix';
+    my $p = port($name);
+    my $dir = testdir() . "/postfix-$name";
+    my %main = (
+        compatibility_level => '3.6',
+        queue_directory => "$dir/queue",
+        data_directory => "$dir/data",
+        mail_owner => 'postfix',
+        myhostname => 'postfix.test',
+        mydomain => 'test',
+        mydestination => '',
+        inet_interfaces => '127.0.0.1',
+        inet_protocols => 'ipv4',
+        mynetworks => '127.0.0.0/8',
+        maillog_file => "$dir/maillog",
+        maillog_file_prefixes => $dir,
+        local_recipient_maps => '',
+        alias_maps => '',
+        alias_database => '',
+        smtpd_peername_lookup => 'no',
+        smtpd_relay_restrictions => 'permit_mynetworks, reject',
+        smtpd_proxy_filter => "127.0.0.1:$opt{filter}",
+        smtpd_proxy_timeout => '20s',
+        %{ $opt{main} || {} },
+    );
+
+    make_path("$dir/etc", "$dir/queue", "$dir/data");
+    chown((getpwnam('postfix'))[2], -1, "$dir/data");
+    write_file("$dir/etc/main.cf",
+        join('', map { "$_ = $main{$_}\n" } sort keys %main));
+    write_file("$dir/etc/master.cf", <<"EOF");
+127.0.0.1:$p inet n - n - - smtpd
+postlog unix-dgram n - n - 1 postlogd
+anvil unix - - n - 1 anvil
+proxymap unix - - n - - proxymap
+rewrite unix - - n - - trivial-rewrite
+EOF
+    # the queue's subdirectories, owned and protected as Postfix wants
+    if (system("/usr/sbin/postfix -c $dir/etc post-install create-missing"
+        . " >$dir/post-install.log 2>&1") != 0)
+    {
+        diag(read_file("$dir/post-install.log") // '');
+        diag(read_file("$dir/maillog") // '');
+        die "postfix post-install failed\n";
+    }
+
+    my $pid = fork();
+    die "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        open STDOUT, '>', "$dir/master.log";
+        open STDERR, '>&', \*STDOUT;
+        exec("$postfix_dir/master", '-d', '-c', "$dir/etc") or exit 127;
+    }
+
+    my $s = bless { pid => $pid, dir => $dir, port => $p },
+        'SmtpExt::Test::Postfix';
+    push @postfixes, $s;
+
+    my $ok = wait_for(sub {
+        return -1 if waitpid($pid, WNOHANG) == $pid;
+        return listening($p) ? 1 : 0;
+    }, 10);
+    if ($ok != 1) {
+        diag(read_file("$dir/master.log") // '');
+        diag(read_file("$dir/maillog") // '');
+        die "postfix did not start\n";
+    }
+    return $s;
+}
+
+END {
+    local $?;
+    $_->stop() for @postfixes;
+}
+
+
+package SmtpExt::Test::Postfix;
+
+sub port { $_[0]{port} }
+sub dir { $_[0]{dir} }
+
+# what Postfix logged (postlogd writes it a moment after the event)
+sub maillog {
+    my ($self) = @_;
+    return SmtpExt::Test::read_file("$self->{dir}/maillog") // '';
+}
+
+# wait until the mail log has a line matching $re; returns that line
+sub wait_log {
+    my ($self, $re, $timeout) = @_;
+    my $line;
+    SmtpExt::Test::wait_for(sub {
+        ($line) = grep { /$re/ } split /\n/, $self->maillog;
+        return defined $line;
+    }, $timeout // 5);
+    return $line;
+}
+
+sub stop {
+    my ($self) = @_;
+    my $pid = $self->{pid} or return;
+    $self->{pid} = undef;
+    # master(8) stops its children on TERM
+    kill 'TERM', $pid;
+    my $gone = SmtpExt::Test::wait_for(
+        sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, 10);
     if (!$gone) {
         kill 'KILL', $pid;
         waitpid($pid, 0);
