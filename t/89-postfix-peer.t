@@ -28,6 +28,14 @@ my $pf = start_postfix(name => 'pf', filter => $f->port, main => {
     smtpd_authorized_xclient_hosts => '127.0.0.0/8',
 });
 
+# the same Postfix without CHUNKING, DSN, SMTPUTF8 and 8BITMIME in its
+# EHLO: the module converts BDAT to DATA and refuses what it cannot pass
+my $f2 = start_backend(name => 'filter2', args => ['--caps',
+    'PIPELINING,SIZE 10485760,8BITMIME,SMTPUTF8,DSN,ENHANCEDSTATUSCODES']);
+my $pf2 = start_postfix(name => 'pf2', filter => $f2->port, main => {
+    smtpd_discard_ehlo_keywords => 'chunking, dsn, smtputf8, 8bitmime',
+});
+
 my $n = start_nginx(<<'EOF');
 mail {
     server_name mx.test;
@@ -39,11 +47,17 @@ mail {
         smtp_ext_dsn on;
         smtp_ext_pass 127.0.0.1:%%PORT_pf%%;
     }
+    server {
+        listen 127.0.0.1:%%PORT_mx2%%;
+        protocol smtp_ext;
+        smtp_ext_dsn on;
+        smtp_ext_pass 127.0.0.1:%%PORT_pf2%%;
+    }
 }
 EOF
 
 sub session {
-    my $c = smtp_client('mx');
+    my $c = smtp_client($_[0] // 'mx');
     $c->expect(qr/^220 /, 'greeting');
     $c->cmd('EHLO client.test', qr/^250 /m);
     return $c;
@@ -176,6 +190,54 @@ like($disc[1] // '', qr/^ehlo=2 xclient=\S+ mail=1 rcpt=1 bdat=1 quit=1 /,
     'Postfix, second connection: one message, QUIT');
 unlike($log, qr/warning: .*(?:improper command pipelining|non-SMTP command)/,
     'Postfix saw no command inside message data');
+
+# 6. the Postfix without CHUNKING: the chunks become one dot-stuffed
+# DATA, a smuggling attempt across chunks included; Postfix's DATA
+# parser and the filter see one message with every line intact
+
+$c = session('mx2');
+like($c->last_reply, qr/^250-CHUNKING\r$/m,
+    'no-CHUNKING Postfix: the module still lists CHUNKING');
+$c->cmd('MAIL FROM:<a@b.test> RET=FULL ENVID=E1', qr/^250 2\.1\.0 /,
+    'no-DSN Postfix: MAIL with DSN parameters accepted');
+$c->cmd('RCPT TO:<c@d.test> NOTIFY=FAILURE', qr/^250 2\.1\.5 /,
+    'no-DSN Postfix: RCPT with NOTIFY accepted');
+@ch = ("Subject: s\r\n\r\n.a\r\nb", "\n.\r\nMAIL FROM:<x\@y.test>\r\n",
+    "\r.\rRCPT TO:<z\@y.test>\r\n.");
+for my $i (0 .. 2) {
+    my $l = length $ch[$i];
+    my $last = $i == 2 ? ' LAST' : '';
+    $c->send("BDAT $l$last\r\n$ch[$i]");
+    $c->expect($last ? qr/^250 2\.0\.0 Ok: queued as 1-1\r\n\z/
+        : qr/^250 2\.0\.0 $l octets received\r\n\z/,
+        "no-CHUNKING Postfix: chunk $i");
+}
+is(($f2->messages)[0] =~ s/\AReceived: [^\r]*\r\n(?:[ \t][^\r]*\r\n)*//r,
+    "Subject: s\r\n\r\n..a\r\nb\r\n..\r\nMAIL FROM:<x\@y.test>\r\n\r\n..\r\n"
+    . "RCPT TO:<z\@y.test>\r\n..\r\n",
+    'no-CHUNKING Postfix: one message, every smuggled line still data');
+is_deeply([grep { /^(?:MAIL|RCPT)/ } $f2->commands(1)],
+    ['MAIL FROM:<a@b.test>', 'RCPT TO:<c@d.test>'],
+    'no-DSN Postfix: the DSN parameters were dropped, nothing smuggled');
+
+# what the module cannot pass on: refused per recipient
+$c->cmd("MAIL FROM:<\xc3\xb1\@b.test> SMTPUTF8", qr/^250 /);
+$c->cmd('RCPT TO:<c@d.test>',
+    qr/^553 5\.6\.7 Recipient's server does not support SMTPUTF8\r\n\z/,
+    'no-SMTPUTF8 Postfix: 553 5.6.7');
+$c->cmd('RSET', qr/^250 /);
+$c->cmd('MAIL FROM:<a@b.test> BODY=8BITMIME', qr/^250 /);
+$c->cmd('RCPT TO:<c@d.test>',
+    qr/^554 5\.6\.9 Recipient's server does not support 8BITMIME\r\n\z/,
+    'no-8BITMIME Postfix: 554 5.6.9');
+$c->cmd('QUIT', qr/^221 /);
+
+$pf2->wait_log(qr/disconnect from /);
+like($pf2->maillog, qr/disconnect from \S+ ehlo=1 mail=1 rcpt=1 data=1 quit=1 /,
+    'no-CHUNKING Postfix: one MAIL, one RCPT, DATA, no BDAT')
+    or diag($pf2->maillog);
+unlike($pf2->maillog, qr/bdat=/, 'no-CHUNKING Postfix: no BDAT reached it');
+like(error_log($n), qr/\[warn\].*DSN/, 'the dropped DSN parameters: a warn');
 
 $n->stop;
 ok(error_log_clean($n), 'no alerts in the error log');

@@ -641,6 +641,8 @@ EOF
     if ($pid == 0) {
         open STDOUT, '>', "$dir/master.log";
         open STDERR, '>&', \*STDOUT;
+        # its own process group: master(8) stops the group when it goes
+        POSIX::setsid();
         exec("$postfix_dir/master", '-d', '-c', "$dir/etc") or exit 127;
     }
 
