@@ -19,7 +19,13 @@
  * backend connection is closed without the end of the message, later
  * chunks are read and dropped, and LAST gets the reply that says why.
  *
- * DATA streaming stays in ngx_mail_smtp_ext_session.c.
+ * DATA (RFC 5321 4.1.1.4): after the backend's 354 the client's input is
+ * scanned (ngx_smtp_data_scan()) into the relay's buffer, or lent to the
+ * relay as it is where nothing in it needs changing, up to the end of
+ * data; the backend's reply to the dot is the client's.  The size limit
+ * or a bare CR or LF in reject mode fail the message the same way: the
+ * backend never sees its end.  Both read into a heap buffer taken for
+ * the message only (ngx_mail_smtp_ext_data_buffer()).
  */
 
 
@@ -37,18 +43,387 @@ static ngx_str_t  ngx_smtp_ext_bdat_need_mail = ngx_smtp_ext_reply(
     "503 5.5.1 Need MAIL before BDAT");
 static ngx_str_t  ngx_smtp_ext_bdat_need_rcpt = ngx_smtp_ext_reply(
     "503 5.5.1 Need RCPT before BDAT");
-static ngx_str_t  ngx_smtp_ext_bdat_too_big = ngx_smtp_ext_reply(
+static ngx_str_t  ngx_smtp_ext_go_ahead = ngx_smtp_ext_reply(
+    "354 End data with <CR><LF>.<CR><LF>");
+static ngx_str_t  ngx_smtp_ext_too_big = ngx_smtp_ext_reply(
     "552 5.3.4 Message size exceeds fixed maximum message size");
-static ngx_str_t  ngx_smtp_ext_bdat_bare = ngx_smtp_ext_reply(
+static ngx_str_t  ngx_smtp_ext_bare = ngx_smtp_ext_reply(
     "550 5.6.11 Bare CR or LF not allowed in message data");
 
 
+static ngx_int_t ngx_mail_smtp_ext_data_end(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_bdat_send(ngx_mail_session_t *s,
     ngx_buf_t *ob);
 static ngx_int_t ngx_mail_smtp_ext_bdat_chunk_end(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_bdat_failed(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_bdat_abort(ngx_mail_session_t *s);
 
+
+/*
+ * The relay finished a DATA step: the reply to DATA (354 starts the
+ * body), to the final dot, or a blocked body write drained.  NGX_DONE:
+ * the session is closed.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_data_step_done(ngx_mail_session_t *s, ngx_uint_t step,
+    ngx_int_t rc, ngx_uint_t code, u_char *reply, size_t len)
+{
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    switch (step) {
+
+    case NGX_MAIL_SMTP_EXT_STEP_DATA:
+        if (rc != NGX_OK) {
+            ctx->last_code = 451;
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_lost_reply);
+            ngx_mail_smtp_ext_end_tx(s);
+            break;
+        }
+
+        if (code != 354) {
+            ctx->last_code = code;
+            ngx_mail_smtp_ext_out_backend(s, reply, len);
+            break;
+        }
+
+        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+        ngx_memzero(&ctx->data, sizeof(ngx_smtp_data_t));
+        ctx->data.max_size = sscf->max_message_size;
+        ctx->data.reject = (sscf->bare_lf == NGX_SMTP_BARE_LF_REJECT);
+        ctx->data_failed = 0;
+        ctx->data_start = ngx_current_msec;
+        ctx->data_in = 0;
+
+        if (ngx_mail_smtp_ext_data_buffer(s) != NGX_OK) {
+            ctx->last_code = 451;
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ngx_mail_smtp_ext_end_tx(s);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
+            break;
+        }
+
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_go_ahead);
+
+        ngx_mail_smtp_ext_metric_data(s);
+        ctx->state = ngx_smtp_ext_data;
+
+        return ngx_mail_smtp_ext_flush(s) == NGX_DONE ? NGX_DONE : NGX_OK;
+
+    case NGX_MAIL_SMTP_EXT_STEP_DOT:
+        if (rc != NGX_OK) {
+            (void) ngx_mail_smtp_ext_data_failed(s);
+            break;
+        }
+
+        ctx->last_code = code;
+        ngx_mail_smtp_ext_metric_relayed(s);
+        ngx_mail_smtp_ext_out_backend(s, reply, len);
+        ngx_mail_smtp_ext_data_done(s);
+        break;
+
+    default: /* NGX_MAIL_SMTP_EXT_STEP_BODY */
+        /* the backend took the body so far, or failed: read on */
+
+        ctx->state = ngx_smtp_ext_data;
+        ctx->data_start += ngx_current_msec - ctx->wait_start;
+
+        if (rc != NGX_OK) {
+            ctx->data_failed = 1;
+        }
+
+        break;
+    }
+
+    return NGX_OK;
+}
+
+
+/*
+ * DATA: scans the client's input into the relay's buffer and sends it.
+ * NGX_OK: go on; NGX_AGAIN: needs input, or waits for the backend;
+ * NGX_DONE: the session is closed.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_data_body(ngx_mail_session_t *s)
+{
+    int                       rc;
+    size_t                    in_used, out_used, len;
+    ngx_int_t                 n;
+    ngx_buf_t                *b, *ob;
+    ngx_smtp_data_t           verbatim;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    scratch[NGX_SMTP_MAX_LINE];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = s->buffer;
+
+    ob = ctx->data_failed ? NULL : ngx_mail_smtp_ext_relay_body_buf(s);
+
+    if (ob == NULL && !ctx->data_failed) {
+        ctx->data_failed = 1;
+        ngx_mail_smtp_ext_relay_close(s, 0);
+    }
+
+    while (b->pos < b->last) {
+
+        if (ob && ob->pos == ob->last
+            && !ngx_mail_smtp_ext_relay_span_pending(s))
+        {
+            /*
+             * Text that passes unchanged goes to the backend from the
+             * input buffer, no copy; what follows it in this chunk (the
+             * final dot, say) is scanned into the relay's buffer and both
+             * go out in one write.
+             */
+
+            verbatim = ctx->data;
+            len = ngx_min((size_t) (b->last - b->pos),
+                          (size_t) (ob->end - ob->start));
+            len = ngx_smtp_data_verbatim(&verbatim, b->pos, b->pos + len,
+                                         NGX_MAIL_SMTP_EXT_DIRECT_MIN);
+
+            if (len
+                && ngx_mail_smtp_ext_relay_body_span(s, b->pos, len)
+                   == NGX_OK)
+            {
+                ctx->data = verbatim;
+                b->pos += len;
+                continue;
+            }
+        }
+
+        if (ob) {
+            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
+                                    ob->last, ob->end, &in_used, &out_used);
+            ob->last += out_used;
+
+        } else {
+            /* discarding: scan only to find the end of data */
+            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
+                                    scratch, scratch + sizeof(scratch),
+                                    &in_used, &out_used);
+        }
+
+        b->pos += in_used;
+
+        if (ob && ((ctx->data.reject && ctx->data.bare) || ctx->data.too_big)) {
+            /* no end of data may ever reach the backend */
+            ctx->data_failed = 1;
+            ngx_mail_smtp_ext_relay_close(s, 0);
+            ob = NULL;
+        }
+
+        if (rc == NGX_SMTP_OK) {
+            return ngx_mail_smtp_ext_data_end(s);
+        }
+
+        /* the scanner needs a few octets of room to make progress */
+
+        if (ob && (size_t) (ob->end - ob->last) < 8) {
+            break;
+        }
+    }
+
+    if (ob == NULL
+        || (ob->last == ob->pos && !ngx_mail_smtp_ext_relay_span_pending(s)))
+    {
+        return NGX_AGAIN;
+    }
+
+    n = ngx_mail_smtp_ext_relay_body(s, 0);
+
+    if (n == NGX_OK) {
+        return (b->pos < b->last) ? NGX_OK : NGX_AGAIN;
+    }
+
+    if (n == NGX_ERROR) {
+        ctx->data_failed = 1;
+        return NGX_OK;
+    }
+
+    /*
+     * The backend does not keep up: stop reading until it does.  The
+     * client waits for us now: the relay's write timeout applies, and
+     * the time does not count against the client's DATA deadline.
+     */
+
+    ngx_mail_smtp_ext_wait(s, NGX_MAIL_SMTP_EXT_STEP_BODY);
+    ctx->wait_start = ngx_current_msec;
+
+    return NGX_AGAIN;
+}
+
+
+static ngx_int_t
+ngx_mail_smtp_ext_data_end(ngx_mail_session_t *s)
+{
+    ngx_int_t                 n;
+    ngx_str_t                *reply;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ngx_mail_smtp_ext_metric_dot(s);
+
+    if (!ctx->data_failed) {
+        n = ngx_mail_smtp_ext_relay_body(s, 1);
+
+        if (n != NGX_ERROR) {
+            /* the final reply comes through ngx_mail_smtp_ext_relay_done */
+            ngx_mail_smtp_ext_wait(s, NGX_MAIL_SMTP_EXT_STEP_DOT);
+            return NGX_AGAIN;
+        }
+    }
+
+    if (ctx->data.too_big) {
+        reply = &ngx_smtp_ext_too_big;
+        ctx->last_code = 552;
+
+    } else if (ctx->data.reject && ctx->data.bare) {
+        reply = &ngx_smtp_ext_bare;
+        ctx->last_code = 550;
+
+    } else {
+        return ngx_mail_smtp_ext_data_failed(s);
+    }
+
+    ngx_mail_smtp_ext_relay_close(s, 0);
+    ngx_mail_smtp_ext_data_done(s);
+
+    return ngx_mail_smtp_ext_reply(s, reply);
+}
+
+
+/*
+ * The backend gave up the message: its own 5xx when it sent one before
+ * the end of data, else 451.  Its connection is closed already.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s)
+{
+    u_char                   *p;
+    size_t                    len;
+    ngx_uint_t                code;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    code = ngx_mail_smtp_ext_relay_early_reply(s, &p, &len);
+
+    if (code) {
+        ctx->last_code = code;
+        ngx_mail_smtp_ext_out_backend(s, p, len);
+
+    } else {
+        ctx->last_code = 451;
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_lost_reply);
+    }
+
+    ngx_mail_smtp_ext_relay_close(s, 0);
+    ngx_mail_smtp_ext_data_done(s);
+
+    return ctx->state == ngx_smtp_ext_closing ? NGX_AGAIN : NGX_OK;
+}
+
+
+void
+ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
+{
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    ctx->state = ngx_smtp_ext_cmd;
+    ngx_mail_smtp_ext_metric_data_end(s);
+    ngx_mail_smtp_ext_end_tx(s);
+    ngx_mail_smtp_ext_data_buffer_release(s);
+}
+
+
+/*
+ * DATA reads into a larger buffer of its own, taken from the heap only
+ * while needed so that idle sessions stay small.
+ */
+
+ngx_int_t
+ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s)
+{
+    size_t                    len;
+    ngx_buf_t                *b;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    if (s->buffer == &ctx->dbuf) {
+        return NGX_OK;
+    }
+
+    b = &ctx->dbuf;
+
+    b->start = ngx_alloc(NGX_MAIL_SMTP_EXT_DATA_IN_BUF, s->connection->log);
+    if (b->start == NULL) {
+        return NGX_ERROR;
+    }
+
+    len = s->buffer->last - s->buffer->pos;
+
+    b->end = b->start + NGX_MAIL_SMTP_EXT_DATA_IN_BUF;
+    b->pos = b->start;
+    b->last = ngx_cpymem(b->start, s->buffer->pos, len);
+    b->temporary = 1;
+
+    ctx->cmdbuf = s->buffer;
+    s->buffer = b;
+
+    return NGX_OK;
+}
+
+
+void
+ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s)
+{
+    size_t                    len;
+    ngx_buf_t                *b;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    b = &ctx->dbuf;
+
+    if (s->buffer != b) {
+        return;
+    }
+
+    if (ngx_mail_smtp_ext_relay_span_pending(s)) {
+        /* cannot happen: a span is returned before its DATA ends */
+        ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
+                      "smtp_ext: DATA buffer still lent to the backend");
+        ngx_mail_smtp_ext_relay_close(s, 0);
+    }
+
+    len = b->last - b->pos;
+
+    if (len > (size_t) (ctx->cmdbuf->end - ctx->cmdbuf->start)) {
+        /* pipelined commands after the dot: keep it until they are read */
+        return;
+    }
+
+    ctx->cmdbuf->pos = ctx->cmdbuf->start;
+    ctx->cmdbuf->last = ngx_cpymem(ctx->cmdbuf->start, b->pos, len);
+    s->buffer = ctx->cmdbuf;
+
+    ngx_free(b->start);
+    b->start = NULL;
+}
+
+
+/* BDAT */
 
 ngx_int_t
 ngx_mail_smtp_ext_bdat(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
@@ -502,11 +877,11 @@ ngx_mail_smtp_ext_bdat_failed(ngx_mail_session_t *s)
     (void) ngx_smtp_bdat_end(&ctx->bdat, scratch);
 
     if (ctx->bdat.too_big) {
-        reply = &ngx_smtp_ext_bdat_too_big;
+        reply = &ngx_smtp_ext_too_big;
         ctx->last_code = 552;
 
     } else if (ctx->bdat.reject && ctx->bdat.bare) {
-        reply = &ngx_smtp_ext_bdat_bare;
+        reply = &ngx_smtp_ext_bare;
         ctx->last_code = 550;
 
     } else if (ctx->bdat_reply.len) {

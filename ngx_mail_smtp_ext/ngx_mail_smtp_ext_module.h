@@ -334,18 +334,30 @@ void ngx_mail_smtp_ext_rcpt_routed(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step);
 void ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
     size_t len);
-ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
-void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
-ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_flush(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
+extern ngx_str_t  ngx_mail_smtp_ext_lost_reply;
+extern ngx_str_t  ngx_mail_smtp_ext_error_reply;
 
 /*
- * ngx_mail_smtp_ext_body.c: BDAT (RFC 3030).  Its backend steps, beside
- * those session.c numbers from 1.
+ * ngx_mail_smtp_ext_body.c: message data, DATA and BDAT (RFC 3030).  Its
+ * backend steps, beside those session.c numbers from 1.
  */
+#define NGX_MAIL_SMTP_EXT_STEP_DATA     3   /* the reply to DATA */
+#define NGX_MAIL_SMTP_EXT_STEP_DOT      4   /* the reply to the dot */
+#define NGX_MAIL_SMTP_EXT_STEP_BODY     6   /* a blocked body write */
 #define NGX_MAIL_SMTP_EXT_STEP_BDAT     16  /* DATA for BDAT: its 354 */
 #define NGX_MAIL_SMTP_EXT_STEP_CHUNK    17  /* the reply to a chunk */
 #define NGX_MAIL_SMTP_EXT_STEP_BDAT_BODY 18 /* a blocked chunk write */
 
+ngx_int_t ngx_mail_smtp_ext_data_body(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_data_step_done(ngx_mail_session_t *s,
+    ngx_uint_t step, ngx_int_t rc, ngx_uint_t code, u_char *reply,
+    size_t len);
+ngx_int_t ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s);
+ngx_int_t ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s);
+void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 ngx_int_t ngx_mail_smtp_ext_bdat(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd);
 ngx_int_t ngx_mail_smtp_ext_bdat_body(ngx_mail_session_t *s);
 void ngx_mail_smtp_ext_bdat_done(ngx_mail_session_t *s, ngx_uint_t step,

@@ -26,10 +26,7 @@
 /* the backend step the session waits for */
 #define NGX_SMTP_EXT_STEP_OPEN    1
 #define NGX_SMTP_EXT_STEP_RCPT    2
-#define NGX_SMTP_EXT_STEP_DATA    3
-#define NGX_SMTP_EXT_STEP_DOT     4
 #define NGX_SMTP_EXT_STEP_LOOKUP  5
-#define NGX_SMTP_EXT_STEP_BODY    6   /* a blocked body write */
 
 /* how long input is drained after the last reply */
 #define NGX_SMTP_EXT_LINGER       2000
@@ -50,8 +47,6 @@ static ngx_str_t  ngx_smtp_ext_help = ngx_smtp_ext_reply(
     "214 2.0.0 https://www.rfc-editor.org/rfc/rfc5321");
 static ngx_str_t  ngx_smtp_ext_tls_ready = ngx_smtp_ext_reply(
     "220 2.0.0 Ready to start TLS");
-static ngx_str_t  ngx_smtp_ext_go_ahead = ngx_smtp_ext_reply(
-    "354 End data with <CR><LF>.<CR><LF>");
 static ngx_str_t  ngx_smtp_ext_unknown = ngx_smtp_ext_reply(
     "500 5.5.2 Error: command not recognized");
 static ngx_str_t  ngx_smtp_ext_too_long = ngx_smtp_ext_reply(
@@ -90,8 +85,6 @@ static ngx_str_t  ngx_smtp_ext_no_8bit = ngx_smtp_ext_reply(
     "554 5.6.9 Recipient's server does not support 8BITMIME");
 static ngx_str_t  ngx_smtp_ext_too_big = ngx_smtp_ext_reply(
     "552 5.3.4 Message size exceeds fixed maximum message size");
-static ngx_str_t  ngx_smtp_ext_bare = ngx_smtp_ext_reply(
-    "550 5.6.11 Bare CR or LF not allowed in message data");
 static ngx_str_t  ngx_smtp_ext_too_many = ngx_smtp_ext_reply(
     "452 4.5.3 Too many recipients");
 static ngx_str_t  ngx_smtp_ext_elsewhere = ngx_smtp_ext_reply(
@@ -102,11 +95,11 @@ static ngx_str_t  ngx_smtp_ext_bdat_size = ngx_smtp_ext_reply(
     "421 4.5.4 BDAT chunk size unknown, closing connection");
 static ngx_str_t  ngx_smtp_ext_busy = ngx_smtp_ext_reply(
     "451 4.4.5 Backends busy, try again later");
-static ngx_str_t  ngx_smtp_ext_backend_lost = ngx_smtp_ext_reply(
+ngx_str_t  ngx_mail_smtp_ext_lost_reply = ngx_smtp_ext_reply(
     "451 4.4.2 Backend connection lost, try again later");
 static ngx_str_t  ngx_smtp_ext_shutdown = ngx_smtp_ext_reply(
     "421 4.3.2 Service shutting down");
-static ngx_str_t  ngx_smtp_ext_internal = ngx_smtp_ext_reply(
+ngx_str_t  ngx_mail_smtp_ext_error_reply = ngx_smtp_ext_reply(
     "451 4.3.0 Internal server error");
 
 
@@ -123,18 +116,13 @@ static ngx_int_t ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s,
     ngx_smtp_cmd_t *cmd);
 static ngx_int_t ngx_mail_smtp_ext_data(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s);
-static ngx_int_t ngx_mail_smtp_ext_body(ngx_mail_session_t *s);
-static ngx_int_t ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s);
-static void ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_log_tx(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_rcpt_relay(ngx_mail_session_t *s);
 static ngx_int_t ngx_mail_smtp_ext_rcpt_send(ngx_mail_session_t *s);
-static ngx_int_t ngx_mail_smtp_ext_flush(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_write_handler(ngx_event_t *wev);
 static void ngx_mail_smtp_ext_close(ngx_mail_session_t *s,
     ngx_str_t *reply);
 static void ngx_mail_smtp_ext_cleanup(void *data);
-static void ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_read_timer(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_linger(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_linger_handler(ngx_event_t *ev);
@@ -315,8 +303,8 @@ ngx_mail_smtp_ext_auth_state(ngx_event_t *rev)
                       "client timed out");
 
         if (ctx->state == ngx_smtp_ext_data
-            || ctx->step == NGX_SMTP_EXT_STEP_BODY
-            || ctx->step == NGX_SMTP_EXT_STEP_DOT)
+            || ctx->step == NGX_MAIL_SMTP_EXT_STEP_BODY
+            || ctx->step == NGX_MAIL_SMTP_EXT_STEP_DOT)
         {
             /* the message stays unfinished at the backend */
             ngx_mail_smtp_ext_relay_close(s, 0);
@@ -395,7 +383,7 @@ ngx_mail_smtp_ext_run(ngx_mail_session_t *s)
 
         case ngx_smtp_ext_data:
             rc = ctx->in_chunk ? ngx_mail_smtp_ext_bdat_body(s)
-                               : ngx_mail_smtp_ext_body(s);
+                               : ngx_mail_smtp_ext_data_body(s);
             break;
 
         default:
@@ -886,7 +874,7 @@ ngx_mail_smtp_ext_helo(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
         if (ctx->helo == NULL) {
             ctx->helo_size = 0;
             ctx->helo_len = 0;
-            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+            return ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
         }
 
         ctx->helo_size = cmd->arg.len;
@@ -980,7 +968,7 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
 
     ctx->tpool = ngx_create_pool(1024, c->log);
     if (ctx->tpool == NULL) {
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
     }
 
     /* the line for the backend: parameters are added per backend */
@@ -990,7 +978,7 @@ ngx_mail_smtp_ext_mail(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     if (p == NULL) {
         ngx_destroy_pool(ctx->tpool);
         ctx->tpool = NULL;
-        return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        return ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
     }
 
     ctx->mail_cmd.data = p;
@@ -1080,7 +1068,7 @@ ngx_mail_smtp_ext_rcpt(ngx_mail_session_t *s, ngx_smtp_cmd_t *cmd)
     if (ctx->rcpt_buf == NULL) {
         ctx->rcpt_buf = ngx_pnalloc(ctx->tpool, 2 * NGX_SMTP_MAX_LINE);
         if (ctx->rcpt_buf == NULL) {
-            return ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+            return ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
         }
     }
 
@@ -1278,13 +1266,13 @@ ngx_mail_smtp_ext_data(ngx_mail_session_t *s)
     if (!ngx_mail_smtp_ext_relay_usable(s, ctx->route)) {
         /* the backend that took the recipients is gone */
         ctx->last_code = 451;
-        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_lost_reply);
         ngx_mail_smtp_ext_end_tx(s);
         ngx_mail_smtp_ext_relay_close(s, 0);
         return NGX_OK;
     }
 
-    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DATA);
+    ngx_mail_smtp_ext_wait(s, NGX_MAIL_SMTP_EXT_STEP_DATA);
     ngx_mail_smtp_ext_relay_data(s);
 
     return NGX_AGAIN;
@@ -1338,203 +1326,12 @@ ngx_mail_smtp_ext_starttls(ngx_mail_session_t *s)
 }
 
 
-/*
- * DATA: scans the client's input into the relay's buffer and sends it.
- * NGX_OK: go on; NGX_AGAIN: needs input, or waits for the backend;
- * NGX_DONE: the session is closed.
- */
-
-static ngx_int_t
-ngx_mail_smtp_ext_body(ngx_mail_session_t *s)
-{
-    int                       rc;
-    size_t                    in_used, out_used, len;
-    ngx_int_t                 n;
-    ngx_buf_t                *b, *ob;
-    ngx_smtp_data_t           verbatim;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-    u_char                    scratch[NGX_SMTP_MAX_LINE];
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-    b = s->buffer;
-
-    ob = ctx->data_failed ? NULL : ngx_mail_smtp_ext_relay_body_buf(s);
-
-    if (ob == NULL && !ctx->data_failed) {
-        ctx->data_failed = 1;
-        ngx_mail_smtp_ext_relay_close(s, 0);
-    }
-
-    while (b->pos < b->last) {
-
-        if (ob && ob->pos == ob->last
-            && !ngx_mail_smtp_ext_relay_span_pending(s))
-        {
-            /*
-             * Text that passes unchanged goes to the backend from the
-             * input buffer, no copy; what follows it in this chunk (the
-             * final dot, say) is scanned into the relay's buffer and both
-             * go out in one write.
-             */
-
-            verbatim = ctx->data;
-            len = ngx_min((size_t) (b->last - b->pos),
-                          (size_t) (ob->end - ob->start));
-            len = ngx_smtp_data_verbatim(&verbatim, b->pos, b->pos + len,
-                                         NGX_MAIL_SMTP_EXT_DIRECT_MIN);
-
-            if (len
-                && ngx_mail_smtp_ext_relay_body_span(s, b->pos, len)
-                   == NGX_OK)
-            {
-                ctx->data = verbatim;
-                b->pos += len;
-                continue;
-            }
-        }
-
-        if (ob) {
-            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
-                                    ob->last, ob->end, &in_used, &out_used);
-            ob->last += out_used;
-
-        } else {
-            /* discarding: scan only to find the end of data */
-            rc = ngx_smtp_data_scan(&ctx->data, b->pos, b->last,
-                                    scratch, scratch + sizeof(scratch),
-                                    &in_used, &out_used);
-        }
-
-        b->pos += in_used;
-
-        if (ob && ((ctx->data.reject && ctx->data.bare) || ctx->data.too_big)) {
-            /* no end of data may ever reach the backend */
-            ctx->data_failed = 1;
-            ngx_mail_smtp_ext_relay_close(s, 0);
-            ob = NULL;
-        }
-
-        if (rc == NGX_SMTP_OK) {
-            return ngx_mail_smtp_ext_body_end(s);
-        }
-
-        /* the scanner needs a few octets of room to make progress */
-
-        if (ob && (size_t) (ob->end - ob->last) < 8) {
-            break;
-        }
-    }
-
-    if (ob == NULL
-        || (ob->last == ob->pos && !ngx_mail_smtp_ext_relay_span_pending(s)))
-    {
-        return NGX_AGAIN;
-    }
-
-    n = ngx_mail_smtp_ext_relay_body(s, 0);
-
-    if (n == NGX_OK) {
-        return (b->pos < b->last) ? NGX_OK : NGX_AGAIN;
-    }
-
-    if (n == NGX_ERROR) {
-        ctx->data_failed = 1;
-        return NGX_OK;
-    }
-
-    /*
-     * The backend does not keep up: stop reading until it does.  The
-     * client waits for us now: the relay's write timeout applies, and
-     * the time does not count against the client's DATA deadline.
-     */
-
-    ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_BODY);
-    ctx->wait_start = ngx_current_msec;
-
-    return NGX_AGAIN;
-}
-
-
-static ngx_int_t
-ngx_mail_smtp_ext_body_end(ngx_mail_session_t *s)
-{
-    ngx_int_t                 n;
-    ngx_str_t                *reply;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-
-    ngx_mail_smtp_ext_metric_dot(s);
-
-    if (!ctx->data_failed) {
-        n = ngx_mail_smtp_ext_relay_body(s, 1);
-
-        if (n != NGX_ERROR) {
-            /* the final reply comes through ngx_mail_smtp_ext_relay_done */
-            ngx_mail_smtp_ext_wait(s, NGX_SMTP_EXT_STEP_DOT);
-            return NGX_AGAIN;
-        }
-    }
-
-    if (ctx->data.too_big) {
-        reply = &ngx_smtp_ext_too_big;
-        ctx->last_code = 552;
-
-    } else if (ctx->data.reject && ctx->data.bare) {
-        reply = &ngx_smtp_ext_bare;
-        ctx->last_code = 550;
-
-    } else {
-        return ngx_mail_smtp_ext_data_failed(s);
-    }
-
-    ngx_mail_smtp_ext_relay_close(s, 0);
-    ngx_mail_smtp_ext_data_done(s);
-
-    return ngx_mail_smtp_ext_reply(s, reply);
-}
-
-
-/*
- * The backend gave up the message: its own 5xx when it sent one before
- * the end of data, else 451.  Its connection is closed already.
- */
-
-ngx_int_t
-ngx_mail_smtp_ext_data_failed(ngx_mail_session_t *s)
-{
-    u_char                   *p;
-    size_t                    len;
-    ngx_uint_t                code;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-
-    code = ngx_mail_smtp_ext_relay_early_reply(s, &p, &len);
-
-    if (code) {
-        ctx->last_code = code;
-        ngx_mail_smtp_ext_out_backend(s, p, len);
-
-    } else {
-        ctx->last_code = 451;
-        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
-    }
-
-    ngx_mail_smtp_ext_relay_close(s, 0);
-    ngx_mail_smtp_ext_data_done(s);
-
-    return ctx->state == ngx_smtp_ext_closing ? NGX_AGAIN : NGX_OK;
-}
-
-
 void
 ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     ngx_uint_t code, u_char *reply, size_t len)
 {
-    ngx_uint_t                     step;
-    ngx_mail_smtp_ext_ctx_t       *ctx;
-    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+    ngx_uint_t                step;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
 
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
 
@@ -1562,7 +1359,7 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
     case NGX_SMTP_EXT_STEP_RCPT:
         if (rc != NGX_OK) {
             ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
+            (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_lost_reply);
             break;
         }
 
@@ -1575,68 +1372,13 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
         ngx_mail_smtp_ext_out_backend(s, reply, len);
         break;
 
-    case NGX_SMTP_EXT_STEP_DATA:
-        if (rc != NGX_OK) {
-            ctx->last_code = 451;
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_backend_lost);
-            ngx_mail_smtp_ext_end_tx(s);
-            break;
-        }
-
-        if (code != 354) {
-            ctx->last_code = code;
-            ngx_mail_smtp_ext_out_backend(s, reply, len);
-            break;
-        }
-
-        sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
-
-        ngx_memzero(&ctx->data, sizeof(ngx_smtp_data_t));
-        ctx->data.max_size = sscf->max_message_size;
-        ctx->data.reject = (sscf->bare_lf == NGX_SMTP_BARE_LF_REJECT);
-        ctx->data_failed = 0;
-        ctx->data_start = ngx_current_msec;
-        ctx->data_in = 0;
-
-        if (ngx_mail_smtp_ext_data_buffer(s) != NGX_OK) {
-            ctx->last_code = 451;
-            ngx_mail_smtp_ext_relay_close(s, 0);
-            ngx_mail_smtp_ext_end_tx(s);
-            (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
-            break;
-        }
-
-        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_go_ahead);
-
-        ngx_mail_smtp_ext_metric_data(s);
-        ctx->state = ngx_smtp_ext_data;
-
-        if (ngx_mail_smtp_ext_flush(s) == NGX_DONE) {
+    case NGX_MAIL_SMTP_EXT_STEP_DATA:
+    case NGX_MAIL_SMTP_EXT_STEP_DOT:
+    case NGX_MAIL_SMTP_EXT_STEP_BODY:
+        if (ngx_mail_smtp_ext_data_step_done(s, step, rc, code, reply, len)
+            == NGX_DONE)
+        {
             return;
-        }
-
-        break;
-
-    case NGX_SMTP_EXT_STEP_DOT:
-        if (rc != NGX_OK) {
-            (void) ngx_mail_smtp_ext_data_failed(s);
-            break;
-        }
-
-        ctx->last_code = code;
-        ngx_mail_smtp_ext_metric_relayed(s);
-        ngx_mail_smtp_ext_out_backend(s, reply, len);
-        ngx_mail_smtp_ext_data_done(s);
-        break;
-
-    case NGX_SMTP_EXT_STEP_BODY:
-        /* the backend took the body so far, or failed: read on */
-
-        ctx->state = ngx_smtp_ext_data;
-        ctx->data_start += ngx_current_msec - ctx->wait_start;
-
-        if (rc != NGX_OK) {
-            ctx->data_failed = 1;
         }
 
         break;
@@ -1658,96 +1400,6 @@ ngx_mail_smtp_ext_relay_done(ngx_mail_session_t *s, ngx_int_t rc,
 
 
 void
-ngx_mail_smtp_ext_data_done(ngx_mail_session_t *s)
-{
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-
-    ctx->state = ngx_smtp_ext_cmd;
-    ngx_mail_smtp_ext_metric_data_end(s);
-    ngx_mail_smtp_ext_end_tx(s);
-    ngx_mail_smtp_ext_data_buffer_release(s);
-}
-
-
-/*
- * DATA reads into a larger buffer of its own, taken from the heap only
- * while needed so that idle sessions stay small.
- */
-
-ngx_int_t
-ngx_mail_smtp_ext_data_buffer(ngx_mail_session_t *s)
-{
-    size_t                    len;
-    ngx_buf_t                *b;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-
-    if (s->buffer == &ctx->dbuf) {
-        return NGX_OK;
-    }
-
-    b = &ctx->dbuf;
-
-    b->start = ngx_alloc(NGX_MAIL_SMTP_EXT_DATA_IN_BUF, s->connection->log);
-    if (b->start == NULL) {
-        return NGX_ERROR;
-    }
-
-    len = s->buffer->last - s->buffer->pos;
-
-    b->end = b->start + NGX_MAIL_SMTP_EXT_DATA_IN_BUF;
-    b->pos = b->start;
-    b->last = ngx_cpymem(b->start, s->buffer->pos, len);
-    b->temporary = 1;
-
-    ctx->cmdbuf = s->buffer;
-    s->buffer = b;
-
-    return NGX_OK;
-}
-
-
-static void
-ngx_mail_smtp_ext_data_buffer_release(ngx_mail_session_t *s)
-{
-    size_t                    len;
-    ngx_buf_t                *b;
-    ngx_mail_smtp_ext_ctx_t  *ctx;
-
-    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
-    b = &ctx->dbuf;
-
-    if (s->buffer != b) {
-        return;
-    }
-
-    if (ngx_mail_smtp_ext_relay_span_pending(s)) {
-        /* cannot happen: a span is returned before its DATA ends */
-        ngx_log_error(NGX_LOG_ALERT, s->connection->log, 0,
-                      "smtp_ext: DATA buffer still lent to the backend");
-        ngx_mail_smtp_ext_relay_close(s, 0);
-    }
-
-    len = b->last - b->pos;
-
-    if (len > (size_t) (ctx->cmdbuf->end - ctx->cmdbuf->start)) {
-        /* pipelined commands after the dot: keep it until they are read */
-        return;
-    }
-
-    ctx->cmdbuf->pos = ctx->cmdbuf->start;
-    ctx->cmdbuf->last = ngx_cpymem(ctx->cmdbuf->start, b->pos, len);
-    s->buffer = ctx->cmdbuf;
-
-    ngx_free(b->start);
-    b->start = NULL;
-}
-
-
-static void
 ngx_mail_smtp_ext_end_tx(ngx_mail_session_t *s)
 {
     ngx_mail_smtp_ext_ctx_t  *ctx;
@@ -1913,7 +1565,7 @@ ngx_mail_smtp_ext_out_backend(ngx_mail_session_t *s, u_char *reply,
     len = ngx_smtp_shorten_reply(b->last, b->end - b->last, reply, len);
 
     if (len == 0) {
-        (void) ngx_mail_smtp_ext_reply(s, &ngx_smtp_ext_internal);
+        (void) ngx_mail_smtp_ext_reply(s, &ngx_mail_smtp_ext_error_reply);
         return;
     }
 
@@ -1946,7 +1598,7 @@ ngx_mail_smtp_ext_wait(ngx_mail_session_t *s, ngx_uint_t step)
  * the write event; NGX_DONE: the session was closed.
  */
 
-static ngx_int_t
+ngx_int_t
 ngx_mail_smtp_ext_flush(ngx_mail_session_t *s)
 {
     ssize_t                    n;
