@@ -7,6 +7,12 @@
 /*
  * SMTP AUTH (RFC 4954) against Redis: PLAIN, LOGIN and CRAM-MD5, the
  * user:LOGIN hash, and the failed-AUTH counter shared through Redis.
+ *
+ * With smtp_ext_redis_cache the user:LOGIN fields are cached (SPEC 11):
+ * a fresh entry saves the HMGET, but the authfail: counter, never cached,
+ * is still asked every time.  When Redis fails or times out, an entry
+ * still within "stale" answers and the counter cannot be checked; with
+ * no entry the AUTH gets the usual 454.
  */
 
 
@@ -18,6 +24,8 @@
 #include "ngx_mail_smtp_ext_module.h"
 #include "ngx_mail_smtp_ext_redis.h"
 #include "ngx_mail_smtp_ext_passwd.h"
+#include "ngx_mail_smtp_ext_cache.h"
+#include "ngx_mail_smtp_ext_metrics.h"
 
 
 #define NGX_SMTP_EXT_AUTH_NONE      0
@@ -68,6 +76,11 @@ static ngx_int_t ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s,
 static ngx_int_t ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_auth_looked_up(void *data,
     redisReply **replies, ngx_uint_t n);
+static ngx_int_t ngx_mail_smtp_ext_auth_user(ngx_mail_session_t *s,
+    redisReply *user);
+static ngx_int_t ngx_mail_smtp_ext_auth_from_cache(ngx_mail_session_t *s,
+    ngx_uint_t stale_ok);
+static void ngx_mail_smtp_ext_auth_check(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_auth_verified(void *data, ngx_int_t rc);
 static void ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s,
     ngx_int_t rc);
@@ -264,9 +277,13 @@ ngx_mail_smtp_ext_auth_end(ngx_mail_session_t *s)
     ngx_str_null(&ctx->auth_user);
     ngx_str_null(&ctx->auth_passwd);
     ngx_str_null(&ctx->auth_route);
+    ngx_str_null(&ctx->auth_key);
+    ngx_str_null(&ctx->auth_stored);
 
     ctx->auth_state = NGX_SMTP_EXT_AUTH_NONE;
     ctx->auth_cram = 0;
+    ctx->auth_cached = 0;
+    ctx->auth_disabled = 0;
 
     if (ctx->auth_pool) {
         ngx_destroy_pool(ctx->auth_pool);
@@ -469,7 +486,10 @@ ngx_mail_smtp_ext_auth_cram(ngx_mail_session_t *s, u_char *data, size_t len)
 }
 
 
-/* one round trip: the user's hash and the client's failure counter */
+/*
+ * One round trip: the user's hash and the client's failure counter, or
+ * the counter alone when the cache has the user.
+ */
 
 static ngx_int_t
 ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
@@ -530,9 +550,23 @@ ngx_mail_smtp_ext_auth_lookup(ngx_mail_session_t *s)
     cmds[1].argv = &argv[5];
     cmds[1].argvlen = &argvlen[5];
 
+    ctx->auth_key = user_key;
+
+    if (ngx_mail_smtp_ext_cache_enabled(s)) {
+        if (ngx_mail_smtp_ext_auth_from_cache(s, 0) == NGX_OK) {
+            ctx->auth_cached = 1;
+            ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_HIT);
+
+        } else {
+            ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_MISS);
+        }
+    }
+
     /* tied to the exchange's pool: ending the exchange cancels it */
 
-    if (ngx_mail_smtp_ext_redis_query(sscf->redis, ctx->auth_pool, cmds, 2,
+    if (ngx_mail_smtp_ext_redis_query(sscf->redis, ctx->auth_pool,
+                                      ctx->auth_cached ? &cmds[1] : cmds,
+                                      ctx->auth_cached ? 1 : 2,
                                       ngx_mail_smtp_ext_auth_looked_up, s)
         != NGX_OK)
     {
@@ -551,10 +585,8 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
 {
     ngx_mail_session_t *s = data;
 
-    ngx_int_t                      rc, fails;
-    ngx_str_t                      stored, salt;
+    ngx_int_t                      fails;
     redisReply                    *user, *f;
-    ngx_smtp_str_t                 rest;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
     ngx_mail_smtp_ext_srv_conf_t  *sscf;
@@ -563,18 +595,47 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
 
-    if (replies == NULL || n != 2
-        || replies[0]->type != REDIS_REPLY_ARRAY
-        || replies[0]->elements != 3)
-    {
+    if (replies == NULL) {
+        /* Redis failed or timed out: a cached user, fresh or stale */
+
+        if (ctx->auth_cached
+            || (ngx_mail_smtp_ext_cache_enabled(s)
+                && ngx_mail_smtp_ext_auth_from_cache(s, 1) == NGX_OK))
+        {
+            ngx_log_error(NGX_LOG_WARN, c->log, 0,
+                          "smtp_ext: Redis failed, user \"%V\" checked "
+                          "from the cache without the failure counter",
+                          &ctx->auth_user);
+
+            if (!ctx->auth_cached) {
+                ngx_mail_smtp_ext_metric_cache(NGX_SMTP_EXT_M_CACHE_STALE);
+            }
+
+            ngx_mail_smtp_ext_auth_check(s);
+            return;
+        }
+
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
                       "smtp_ext: Redis lookup for AUTH failed");
         ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
         return;
     }
 
-    user = replies[0];
-    f = replies[1];
+    user = NULL;
+
+    if (ctx->auth_cached) {
+        f = (n == 1) ? replies[0] : NULL;
+
+    } else {
+        f = (n == 2) ? replies[1] : NULL;
+        user = (n == 2) ? replies[0] : NULL;
+
+        if (user
+            && (user->type != REDIS_REPLY_ARRAY || user->elements != 3))
+        {
+            user = NULL;
+        }
+    }
 
     /*
      * Anything but a string or nothing is a broken or hostile Redis: a
@@ -582,13 +643,16 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
      * failure limit.
      */
 
-    if ((f->type != REDIS_REPLY_STRING && f->type != REDIS_REPLY_NIL)
-        || (user->element[0]->type != REDIS_REPLY_STRING
-            && user->element[0]->type != REDIS_REPLY_NIL)
-        || (user->element[1]->type != REDIS_REPLY_STRING
-            && user->element[1]->type != REDIS_REPLY_NIL)
-        || (user->element[2]->type != REDIS_REPLY_STRING
-            && user->element[2]->type != REDIS_REPLY_NIL))
+    if (f == NULL
+        || (f->type != REDIS_REPLY_STRING && f->type != REDIS_REPLY_NIL)
+        || (!ctx->auth_cached
+            && (user == NULL
+                || (user->element[0]->type != REDIS_REPLY_STRING
+                    && user->element[0]->type != REDIS_REPLY_NIL)
+                || (user->element[1]->type != REDIS_REPLY_STRING
+                    && user->element[1]->type != REDIS_REPLY_NIL)
+                || (user->element[2]->type != REDIS_REPLY_STRING
+                    && user->element[2]->type != REDIS_REPLY_NIL))))
     {
         ngx_log_error(NGX_LOG_ERR, c->log, 0,
                       "smtp_ext: Redis answered AUTH with a wrong type");
@@ -608,45 +672,175 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
         }
     }
 
-    f = user->element[2];
-
-    if (f->type == REDIS_REPLY_STRING && f->len == 1 && f->str[0] == '1') {
-        ngx_mail_smtp_ext_auth_result(s, NGX_DECLINED);
-        return;
-    }
-
-    f = user->element[0];
-
-    if (f->type != REDIS_REPLY_STRING || f->len == 0) {
-        ngx_mail_smtp_ext_auth_result(s, NGX_DECLINED);
-        return;
-    }
-
-    /* the reply is freed after this callback: keep what is needed */
-
-    stored.len = f->len;
-    stored.data = ngx_pnalloc(ctx->auth_pool, f->len);
-    if (stored.data == NULL) {
+    if (!ctx->auth_cached
+        && ngx_mail_smtp_ext_auth_user(s, user) != NGX_OK)
+    {
         ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
         return;
     }
 
-    ngx_memcpy(stored.data, f->str, f->len);
+    ngx_mail_smtp_ext_auth_check(s);
+}
 
-    /* the route becomes the user's only with a verified password */
 
-    f = user->element[1];
+/*
+ * The fields of user:LOGIN that Redis sent, copied into the exchange's
+ * pool (the reply is freed after the callback) and into the cache as
+ * "D" "L" password route: D is '1' for disabled, L the password's length.
+ */
 
-    if (f->type == REDIS_REPLY_STRING && f->len) {
-        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool, f->len);
-        if (ctx->auth_route.data == NULL) {
-            ngx_mail_smtp_ext_auth_result(s, NGX_ERROR);
-            return;
+static ngx_int_t
+ngx_mail_smtp_ext_auth_user(ngx_mail_session_t *s, redisReply *user)
+{
+    u_char                   *p;
+    ngx_str_t                 val;
+    redisReply               *pw, *route, *disabled;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    buf[NGX_MAIL_SMTP_EXT_CACHE_VALUE_MAX];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    pw = user->element[0];
+    route = user->element[1];
+    disabled = user->element[2];
+
+    ctx->auth_disabled = (disabled->type == REDIS_REPLY_STRING
+                          && disabled->len == 1 && disabled->str[0] == '1');
+
+    if (pw->type == REDIS_REPLY_STRING && pw->len) {
+        ctx->auth_stored.data = ngx_pnalloc(ctx->auth_pool, pw->len);
+        if (ctx->auth_stored.data == NULL) {
+            return NGX_ERROR;
         }
 
-        ngx_memcpy(ctx->auth_route.data, f->str, f->len);
-        ctx->auth_route.len = f->len;
+        ngx_memcpy(ctx->auth_stored.data, pw->str, pw->len);
+        ctx->auth_stored.len = pw->len;
     }
+
+    if (route->type == REDIS_REPLY_STRING && route->len) {
+        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool, route->len);
+        if (ctx->auth_route.data == NULL) {
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(ctx->auth_route.data, route->str, route->len);
+        ctx->auth_route.len = route->len;
+    }
+
+    if (!ngx_mail_smtp_ext_cache_enabled(s)
+        || 2 + ctx->auth_stored.len + ctx->auth_route.len > sizeof(buf))
+    {
+        /* too long to cache: asked every time */
+        return NGX_OK;
+    }
+
+    p = buf;
+    *p++ = ctx->auth_disabled ? '1' : '0';
+    *p++ = (u_char) ctx->auth_stored.len;
+    p = ngx_cpymem(p, ctx->auth_stored.data, ctx->auth_stored.len);
+    p = ngx_cpymem(p, ctx->auth_route.data, ctx->auth_route.len);
+
+    val.data = buf;
+    val.len = p - buf;
+
+    ngx_mail_smtp_ext_cache_put(s, &ctx->auth_key, &val);
+
+    ngx_explicit_memzero(buf, val.len);
+
+    return NGX_OK;
+}
+
+
+/* NGX_OK: the user's fields from the cache are in ctx */
+
+static ngx_int_t
+ngx_mail_smtp_ext_auth_from_cache(ngx_mail_session_t *s,
+    ngx_uint_t stale_ok)
+{
+    size_t                    plen;
+    ngx_int_t                 rc;
+    ngx_str_t                 val;
+    ngx_mail_smtp_ext_ctx_t  *ctx;
+    u_char                    buf[NGX_MAIL_SMTP_EXT_CACHE_VALUE_MAX];
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+
+    rc = ngx_mail_smtp_ext_cache_get(s, &ctx->auth_key, buf, &val,
+                                     stale_ok);
+
+    if (rc != NGX_OK && rc != NGX_DONE) {
+        return NGX_DECLINED;
+    }
+
+    if (val.data == NULL || val.len < 2
+        || (val.data[0] != '0' && val.data[0] != '1')
+        || (size_t) val.data[1] > val.len - 2)
+    {
+        /* not a user entry */
+        ngx_explicit_memzero(buf, sizeof(buf));
+        return NGX_DECLINED;
+    }
+
+    plen = val.data[1];
+
+    ctx->auth_disabled = (val.data[0] == '1');
+    ctx->auth_stored.len = 0;
+    ctx->auth_route.len = 0;
+
+    if (plen) {
+        ctx->auth_stored.data = ngx_pnalloc(ctx->auth_pool, plen);
+        if (ctx->auth_stored.data == NULL) {
+            ngx_explicit_memzero(buf, sizeof(buf));
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(ctx->auth_stored.data, val.data + 2, plen);
+        ctx->auth_stored.len = plen;
+    }
+
+    if (val.len - 2 - plen) {
+        ctx->auth_route.len = val.len - 2 - plen;
+        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool,
+                                           ctx->auth_route.len);
+        if (ctx->auth_route.data == NULL) {
+            ngx_explicit_memzero(buf, sizeof(buf));
+            return NGX_ERROR;
+        }
+
+        ngx_memcpy(ctx->auth_route.data, val.data + 2 + plen,
+                   ctx->auth_route.len);
+    }
+
+    ngx_explicit_memzero(buf, sizeof(buf));
+
+    return NGX_OK;
+}
+
+
+/* the password against the user's fields in ctx */
+
+static void
+ngx_mail_smtp_ext_auth_check(ngx_mail_session_t *s)
+{
+    ngx_int_t                      rc;
+    ngx_str_t                      stored, salt;
+    ngx_smtp_str_t                 rest;
+    ngx_connection_t              *c;
+    ngx_mail_smtp_ext_ctx_t       *ctx;
+    ngx_mail_smtp_ext_srv_conf_t  *sscf;
+
+    c = s->connection;
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    if (ctx->auth_disabled || ctx->auth_stored.len == 0) {
+        ngx_mail_smtp_ext_auth_result(s, NGX_DECLINED);
+        return;
+    }
+
+    /* auth_route becomes the session's only with a verified password */
+
+    stored = ctx->auth_stored;
 
     switch (ngx_smtp_passwd_scheme(stored.data, stored.len, &rest)) {
 

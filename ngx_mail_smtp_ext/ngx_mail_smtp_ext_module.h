@@ -277,6 +277,8 @@ typedef struct {
     unsigned                        data_failed:1;
     unsigned                        quit:1;
     unsigned                        auth_cram:1;
+    unsigned                        auth_cached:1;   /* user: from the cache */
+    unsigned                        auth_disabled:1;
 
     /*
      * auth.c and route.c: per-exchange and per-lookup pools, so that a
@@ -288,6 +290,8 @@ typedef struct {
     ngx_str_t                       auth_user;    /* candidate, in auth_pool */
     ngx_str_t                       auth_passwd;  /* in auth_pool */
     ngx_str_t                       auth_route;   /* candidate user_route */
+    ngx_str_t                       auth_key;     /* user:LOGIN, auth_pool */
+    ngx_str_t                       auth_stored;  /* its password field */
     ngx_pool_t                     *route_pool;   /* RCPT lookup, or NULL */
     ngx_str_t                       route_keys[2]; /* in route_pool */
     ngx_uint_t                      route_nkeys;

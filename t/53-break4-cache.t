@@ -186,14 +186,11 @@ auth(qr/^235 /, 'AUTH: from Redis');
 $r->monitor_start();
 auth(qr/^235 /, 'AUTH again within valid');
 my @mu = $r->monitor_stop();
-TODO: {
-    # the project's reading (docs/redis.md): an AUTH depends on the
-    # never-cached authfail: counter, so a user is never answered from
-    # the cache; SPEC 11 lists user: among the cached results
-    local $TODO = 'user: results are not cached (reading of SPEC 11)';
-    is(scalar(grep { /user:alice/ } @mu), 0,
-        'AUTH within valid: user: not asked again') or diag(join "\n", @mu);
-}
+# the authfail: counter is never cached: asked every time
+is(scalar(grep { /user:alice/ } @mu), 0,
+    'AUTH within valid: user: not asked again') or diag(join "\n", @mu);
+is(scalar(grep { /"GET" "authfail:127\.0\.0\.1"/ } @mu), 1,
+    'AUTH within valid: the failure counter asked') or diag(join "\n", @mu);
 
 # 7. Redis killed: stale entries serve, others 451; user: stale too
 
@@ -206,10 +203,7 @@ rcpt('bad@known.test', qr/^550 5\.1\.1 /, 'Redis dead: stale reject');
 rcpt('never@never.test', qr/^451 4\.3\.0 /, 'Redis dead, nothing cached');
 is(delta($c0, counts()), 'hit=0 miss=3 stale=2',
     'Redis dead: metrics (a stale use is also a miss)');
-TODO: {
-    local $TODO = 'user: results are not cached (reading of SPEC 11)';
-    auth(qr/^235 /, 'Redis dead: AUTH from the stale user: entry');
-}
+auth(qr/^235 /, 'Redis dead: AUTH from the stale user: entry');
 $r->restart();
 $r->cmd('SET', 'domain:known.test', $bt);
 $r->cmd('SET', 'rcpt:bad@known.test', 'reject');
