@@ -121,6 +121,20 @@ sub wait_for {
 }
 
 
+# TERM to the child $obj->{pid}, KILL after $timeout seconds; reaped once
+sub stop_process {
+    my ($obj, $timeout) = @_;
+    my $pid = $obj->{pid} or return;
+    $obj->{pid} = undef;
+    kill 'TERM', $pid;
+    my $gone = wait_for(sub { waitpid($pid, WNOHANG) == $pid }, $timeout);
+    if (!$gone) {
+        kill 'KILL', $pid;
+        waitpid($pid, 0);
+    }
+}
+
+
 # ports: one free port per name for the whole test file
 
 my %ports;
@@ -471,16 +485,8 @@ sub message_files {
 
 sub stop {
     my ($self) = @_;
-    my $pid = $self->{pid} or return;
-    $self->{pid} = undef;
-    kill 'TERM', $pid;
     # the accept loop wakes up on the signal; its children get TERM
-    my $gone = SmtpExt::Test::wait_for(
-        sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, 5);
-    if (!$gone) {
-        kill 'KILL', $pid;
-        waitpid($pid, 0);
-    }
+    SmtpExt::Test::stop_process($self, 5);
 }
 
 
@@ -549,18 +555,7 @@ sub messages {
         sort grep { !/^\./ } readdir $d;
 }
 
-sub stop {
-    my ($self) = @_;
-    my $pid = $self->{pid} or return;
-    $self->{pid} = undef;
-    kill 'TERM', $pid;
-    my $gone = SmtpExt::Test::wait_for(
-        sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, 5);
-    if (!$gone) {
-        kill 'KILL', $pid;
-        waitpid($pid, 0);
-    }
-}
+sub stop { SmtpExt::Test::stop_process($_[0], 5) }
 
 
 # a private Postfix smtpd as a backend
@@ -692,16 +687,8 @@ sub wait_log {
 
 sub stop {
     my ($self) = @_;
-    my $pid = $self->{pid} or return;
-    $self->{pid} = undef;
     # master(8) stops its children on TERM
-    kill 'TERM', $pid;
-    my $gone = SmtpExt::Test::wait_for(
-        sub { waitpid($pid, POSIX::WNOHANG()) == $pid }, 10);
-    if (!$gone) {
-        kill 'KILL', $pid;
-        waitpid($pid, 0);
-    }
+    SmtpExt::Test::stop_process($self, 10);
 }
 
 
