@@ -175,7 +175,9 @@ $c->cmd('QUIT', qr/^221 /);
 # Postfix counted what it got: BDAT, not DATA, for the chunked messages;
 # the refused chunk ended that connection (the module never ends a failed
 # message towards the backend), the next message came on a new one
+# postlogd writes each smtpd's lines as they come: wait for both
 $pf->wait_log(qr/disconnect from .* quit=1 /);
+wait_for(sub { (() = $pf->maillog =~ /disconnect from /g) >= 2 }, 5);
 my $log = $pf->maillog;
 my @disc = $log =~ /disconnect from \S+ (.*)/g;
 is(scalar @disc, 2, 'Postfix: two connections') or diag($log);

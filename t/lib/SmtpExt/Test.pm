@@ -638,7 +638,9 @@ EOF
         open STDERR, '>&', \*STDOUT;
         # its own process group: master(8) stops the group when it goes
         POSIX::setsid();
-        exec("$postfix_dir/master", '-d', '-c', "$dir/etc") or exit 127;
+        exec("$postfix_dir/master", '-d', '-c', "$dir/etc");
+        # not exit(): the END blocks would stop the parent's servers
+        POSIX::_exit(127);
     }
 
     my $s = bless { pid => $pid, dir => $dir, port => $p },
