@@ -704,6 +704,10 @@ ngx_mail_smtp_ext_auth_user(ngx_mail_session_t *s, redisReply *user)
     route = user->element[1];
     disabled = user->element[2];
 
+    /* nothing of a cache read that failed halfway may stay */
+    ngx_str_null(&ctx->auth_stored);
+    ngx_str_null(&ctx->auth_route);
+
     ctx->auth_disabled = (disabled->type == REDIS_REPLY_STRING
                           && disabled->len == 1 && disabled->str[0] == '1');
 

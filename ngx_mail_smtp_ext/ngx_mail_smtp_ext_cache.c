@@ -27,6 +27,7 @@ typedef struct {
     ngx_rbtree_t                      rbtree;
     ngx_rbtree_node_t                 sentinel;
     ngx_queue_t                       lru;
+    ngx_uint_t                        generation; /* reloads seen */
 } ngx_mail_smtp_ext_cache_sh_t;
 
 
@@ -34,6 +35,7 @@ typedef struct {
     ngx_shm_zone_t                   *shm_zone;
     ngx_slab_pool_t                  *shpool;
     ngx_mail_smtp_ext_cache_sh_t     *sh;
+    ngx_uint_t                        generation; /* sh's at this cycle */
     ngx_msec_t                        valid;
     ngx_msec_t                        stale;
 } ngx_mail_smtp_ext_cache_t;
@@ -225,6 +227,15 @@ ngx_mail_smtp_ext_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
             ngx_slab_free_locked(shpool, node);
         }
 
+        /*
+         * Workers of the old cycle go on until their sessions end: from
+         * now on they neither read nor write here.  Their configuration
+         * (whose address names the Redis in every key) is freed at a
+         * later reload and its address may be taken again.
+         */
+
+        cache->generation = ++sh->generation;
+
         ngx_shmtx_unlock(&shpool->mutex);
 
         cache->sh = sh;
@@ -239,6 +250,8 @@ ngx_mail_smtp_ext_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     ngx_rbtree_init(&sh->rbtree, &sh->sentinel,
                     ngx_mail_smtp_ext_cache_insert);
     ngx_queue_init(&sh->lru);
+    sh->generation = 0;
+    cache->generation = 0;
 
     shpool->data = sh;
     shpool->log_nomem = 0;
@@ -352,7 +365,8 @@ ngx_mail_smtp_ext_cache_get(ngx_mail_session_t *s, ngx_str_t *key,
 
     ngx_shmtx_lock(&cache->shpool->mutex);
 
-    cn = ngx_mail_smtp_ext_cache_find(cache, key, hash);
+    cn = (cache->generation == cache->sh->generation)
+         ? ngx_mail_smtp_ext_cache_find(cache, key, hash) : NULL;
 
     if (cn == NULL) {
         ngx_shmtx_unlock(&cache->shpool->mutex);
@@ -422,6 +436,12 @@ ngx_mail_smtp_ext_cache_put(ngx_mail_session_t *s, ngx_str_t *key,
         + value->len;
 
     ngx_shmtx_lock(&cache->shpool->mutex);
+
+    if (cache->generation != cache->sh->generation) {
+        /* a worker of a cycle before the last reload */
+        ngx_shmtx_unlock(&cache->shpool->mutex);
+        return;
+    }
 
     old = ngx_mail_smtp_ext_cache_find(cache, key, hash);
 

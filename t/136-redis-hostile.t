@@ -44,7 +44,7 @@ if ($hpid == 0) {
     exec($^X, 't/bin/redis-hostile.pl', '--port', $hport,
         '--redis-port', $r->port, '--control', $ctl,
         '--pidfile', "$hdir/pid", '--stream-time', 10)
-        or exit 127;
+        or POSIX::_exit(127);
 }
 END { kill 'TERM', $hpid if $hpid; waitpid($hpid, 0) if $hpid; }
 

@@ -32,7 +32,7 @@ sub start_dns {
         open STDERR, '>', "$dir/stderr.log";
         exec($^X, 't/bin/dns-server.pl', '--port', $p,
             '--pidfile', $pidfile, '--log', "$dir/queries.log", @args)
-            or exit 127;
+            or POSIX::_exit(127);
     }
     push @dns, $pid;
     my $ok = wait_for(sub {

@@ -37,7 +37,7 @@ sub start_dns {
         open STDERR, '>', "$dir/stderr.log";
         exec($^X, $dns_script, '--port', $p,
             '--pidfile', $pidfile, '--log', "$dir/queries.log", @args)
-            or exit 127;
+            or POSIX::_exit(127);
     }
 
     my $d = { pid => $pid, dir => $dir };

@@ -22,7 +22,7 @@ sub openssl {
     if ($pid == 0) {
         open STDOUT, '>>', "$d/openssl.log";
         open STDERR, '>>', "$d/openssl.log";
-        exec('openssl', @args) or exit 127;
+        exec('openssl', @args) or POSIX::_exit(127);
     }
     waitpid($pid, 0);
     die "openssl @args failed:\n" . (read_file("$d/openssl.log") // '')

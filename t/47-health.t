@@ -150,7 +150,7 @@ sub start_nginx2 {
         open STDERR, '>', "$dir/stderr.log";
         exec(nginx_bin(), '-p', "$dir/", '-c', "$dir/nginx.conf",
             '-e', "$dir/error.log")
-            or exit 127;
+            or POSIX::_exit(127);
     }
 
     my $ng = bless { pid => $pid, dir => $dir, conf => $full },

@@ -37,7 +37,7 @@ END {
             "$dir/pid", '--log', "$dir/queries.log",
             '--a', '5.0.0.127.bl.test=127.0.0.2',
             '--a', '6.0.0.127.bl.test=127.0.0.2',
-            '--delay', '6.0.0.127.bl.test=700') or exit 127;
+            '--delay', '6.0.0.127.bl.test=700') or POSIX::_exit(127);
     }
     push @dns, $pid;
     wait_for(sub { -e "$dir/pid" }, 10) or die "no dns server\n";

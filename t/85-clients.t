@@ -46,7 +46,7 @@ sub run {
     die "fork: $!" unless defined $pid;
     if ($pid == 0) {
         open STDERR, '>&', \*STDOUT;
-        exec(@cmd) or exit 127;
+        exec(@cmd) or POSIX::_exit(127);
     }
     local $/;
     my $out = <$fh>;

@@ -89,7 +89,7 @@ sub run {
     if ($pid == 0) {
         open STDOUT, '>>', "$self->{dir}/stdout.log";
         open STDERR, '>>', "$self->{dir}/stderr.log";
-        exec(redis_bin(), @args) or exit 127;
+        exec(redis_bin(), @args) or POSIX::_exit(127);
     }
     $self->{pid} = $pid;
     $self->{stopped} = 0;

@@ -241,7 +241,7 @@ sub start_nginx {
         open STDERR, '>', "$dir/stderr.log";
         exec(nginx_bin(), '-p', "$dir/", '-c', "$dir/nginx.conf",
             '-e', "$dir/error.log")
-            or exit 127;
+            or POSIX::_exit(127);
     }
 
     my $n = bless { pid => $pid, dir => $dir, conf => $text },
@@ -402,7 +402,7 @@ sub start_backend {
         open STDERR, '>', "$dir/stderr.log";
         exec($^X, $backend_script, '--port', $p, '--dir', $dir,
             '--pidfile', $pidfile, @{ $opt{args} || [] })
-            or exit 127;
+            or POSIX::_exit(127);
     }
 
     my $b = bless { pid => $pid, dir => $dir, port => $p, name => $name },
@@ -513,7 +513,7 @@ sub start_smtp_sink {
         my @u = $> == 0 ? ('-u', 'nobody') : ();
         exec('/usr/sbin/smtp-sink', @u, '-c', '-d', "$dir/dump/%M%S.",
             @{ $opt{args} || [] }, "127.0.0.1:$p", '128')
-            or exit 127;
+            or POSIX::_exit(127);
     }
 
     my $s = bless { pid => $pid, dir => $dir, port => $p },
@@ -638,9 +638,9 @@ EOF
         open STDERR, '>&', \*STDOUT;
         # its own process group: master(8) stops the group when it goes
         POSIX::setsid();
-        exec("$postfix_dir/master", '-d', '-c', "$dir/etc");
         # not exit(): the END blocks would stop the parent's servers
-        POSIX::_exit(127);
+        exec("$postfix_dir/master", '-d', '-c', "$dir/etc")
+            or POSIX::_exit(127);
     }
 
     my $s = bless { pid => $pid, dir => $dir, port => $p },
@@ -711,7 +711,7 @@ sub gen_cert {
         open STDERR, '>', "$dir/openssl.log";
         exec('openssl', 'req', '-x509', '-newkey', 'rsa:2048', '-nodes',
         '-subj', "/CN=$name", '-days', '2', '-keyout', $key, '-out', $crt,
-        '-batch') or exit 127;
+        '-batch') or POSIX::_exit(127);
     }
     waitpid($pid, 0);
     die "openssl req failed\n" if $?;
