@@ -80,6 +80,8 @@ static ngx_int_t ngx_mail_smtp_ext_auth_user(ngx_mail_session_t *s,
     redisReply *user);
 static ngx_int_t ngx_mail_smtp_ext_auth_from_cache(ngx_mail_session_t *s,
     ngx_uint_t stale_ok);
+static ngx_int_t ngx_mail_smtp_ext_auth_keep(ngx_mail_smtp_ext_ctx_t *ctx,
+    ngx_str_t *dst, u_char *src, size_t len);
 static void ngx_mail_smtp_ext_auth_check(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_auth_verified(void *data, ngx_int_t rc);
 static void ngx_mail_smtp_ext_auth_result(ngx_mail_session_t *s,
@@ -711,24 +713,20 @@ ngx_mail_smtp_ext_auth_user(ngx_mail_session_t *s, redisReply *user)
     ctx->auth_disabled = (disabled->type == REDIS_REPLY_STRING
                           && disabled->len == 1 && disabled->str[0] == '1');
 
-    if (pw->type == REDIS_REPLY_STRING && pw->len) {
-        ctx->auth_stored.data = ngx_pnalloc(ctx->auth_pool, pw->len);
-        if (ctx->auth_stored.data == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(ctx->auth_stored.data, pw->str, pw->len);
-        ctx->auth_stored.len = pw->len;
+    if (pw->type == REDIS_REPLY_STRING && pw->len
+        && ngx_mail_smtp_ext_auth_keep(ctx, &ctx->auth_stored,
+                                       (u_char *) pw->str, pw->len)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
-    if (route->type == REDIS_REPLY_STRING && route->len) {
-        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool, route->len);
-        if (ctx->auth_route.data == NULL) {
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(ctx->auth_route.data, route->str, route->len);
-        ctx->auth_route.len = route->len;
+    if (route->type == REDIS_REPLY_STRING && route->len
+        && ngx_mail_smtp_ext_auth_keep(ctx, &ctx->auth_route,
+                                       (u_char *) route->str, route->len)
+           != NGX_OK)
+    {
+        return NGX_ERROR;
     }
 
     if (!ngx_mail_smtp_ext_cache_enabled(s)
@@ -788,34 +786,42 @@ ngx_mail_smtp_ext_auth_from_cache(ngx_mail_session_t *s,
     plen = val.data[1];
 
     ctx->auth_disabled = (val.data[0] == '1');
-    ctx->auth_stored.len = 0;
-    ctx->auth_route.len = 0;
+    ngx_str_null(&ctx->auth_stored);
+    ngx_str_null(&ctx->auth_route);
+
+    rc = NGX_OK;
 
     if (plen) {
-        ctx->auth_stored.data = ngx_pnalloc(ctx->auth_pool, plen);
-        if (ctx->auth_stored.data == NULL) {
-            ngx_explicit_memzero(buf, sizeof(buf));
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(ctx->auth_stored.data, val.data + 2, plen);
-        ctx->auth_stored.len = plen;
+        rc = ngx_mail_smtp_ext_auth_keep(ctx, &ctx->auth_stored,
+                                         val.data + 2, plen);
     }
 
-    if (val.len - 2 - plen) {
-        ctx->auth_route.len = val.len - 2 - plen;
-        ctx->auth_route.data = ngx_pnalloc(ctx->auth_pool,
-                                           ctx->auth_route.len);
-        if (ctx->auth_route.data == NULL) {
-            ngx_explicit_memzero(buf, sizeof(buf));
-            return NGX_ERROR;
-        }
-
-        ngx_memcpy(ctx->auth_route.data, val.data + 2 + plen,
-                   ctx->auth_route.len);
+    if (rc == NGX_OK && val.len - 2 - plen) {
+        rc = ngx_mail_smtp_ext_auth_keep(ctx, &ctx->auth_route,
+                                         val.data + 2 + plen,
+                                         val.len - 2 - plen);
     }
 
     ngx_explicit_memzero(buf, sizeof(buf));
+
+    return rc;
+}
+
+
+/* a copy in the exchange's pool: the reply or the cache's copy goes */
+
+static ngx_int_t
+ngx_mail_smtp_ext_auth_keep(ngx_mail_smtp_ext_ctx_t *ctx, ngx_str_t *dst,
+    u_char *src, size_t len)
+{
+    dst->data = ngx_pnalloc(ctx->auth_pool, len);
+    if (dst->data == NULL) {
+        dst->len = 0;
+        return NGX_ERROR;
+    }
+
+    ngx_memcpy(dst->data, src, len);
+    dst->len = len;
 
     return NGX_OK;
 }
