@@ -44,15 +44,6 @@ EOF
 
 my $n = start_nginx($conf);
 
-sub cache_counts {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => SmtpExt::Test::port('http'), Timeout => 5) or return {};
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    my $res = <$s> // '';
-    my %c = $res =~ /^smtp_ext_redis_cache_total\{result="(\w+)"\} (\d+)$/mg;
-    return \%c;
-}
 
 sub rcpt {
     my ($to, $re, $name) = @_;

@@ -61,21 +61,6 @@ EOF
 
 my $n = start_nginx($conf, workers => 2);
 
-sub counts {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => SmtpExt::Test::port('http'), Timeout => 5) or return {};
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    my $res = <$s> // '';
-    my %c = $res =~ /^smtp_ext_redis_cache_total\{result="(\w+)"\} (\d+)$/mg;
-    $c{$_} //= 0 for qw(hit miss stale);
-    return \%c;
-}
-
-sub delta {
-    my ($a, $b) = @_;
-    return join ' ', map { "$_=" . ($b->{$_} - $a->{$_}) } qw(hit miss stale);
-}
 
 sub client {
     my $c = smtp_client('smtp');
@@ -99,7 +84,7 @@ sub counter_reads { scalar grep { /"GET" "authfail:/ } @_ }
 
 # 1. the second AUTH within valid: no HMGET, the counter still asked
 
-my $c0 = counts();
+my $c0 = cache_counts();
 $r->monitor_start();
 auth('alice', 'secret', qr/^235 /, 'first AUTH: from Redis');
 auth('alice', 'secret', qr/^235 /, 'second AUTH: user from the cache');
@@ -108,7 +93,7 @@ my @mon = $r->monitor_stop();
 is(user_reads(@mon), 1, 'user:alice read from Redis once')
     or diag(join "\n", @mon);
 is(counter_reads(@mon), 3, 'the failure counter read every time');
-is(delta($c0, counts()), 'hit=2 miss=1 stale=0', 'metrics: 2 hits, 1 miss');
+is(cache_delta($c0, cache_counts()), 'hit=2 miss=1 stale=0', 'metrics: 2 hits, 1 miss');
 
 # 2. a wrong password against a cached user: 535, counted in Redis; over
 # the limit the cached user gets 454, the right password included
@@ -178,17 +163,17 @@ auth('alice', 'new', qr/^235 /, 'after valid: the new password 235');
 # stale, 454
 
 $r->kill();
-$c0 = counts();
+$c0 = cache_counts();
 auth('alice', 'new', qr/^235 /, 'Redis dead: fresh cached user: 235');
-is(delta($c0, counts()), 'hit=1 miss=0 stale=0',
+is(cache_delta($c0, cache_counts()), 'hit=1 miss=0 stale=0',
     'Redis dead, fresh entry: a hit');
 sleep 2.2;
-$c0 = counts();
+$c0 = cache_counts();
 auth('alice', 'new', qr/^235 /, 'Redis dead: stale cached user: 235');
 auth('alice', 'secret', qr/^535 5\.7\.8 /,
     'Redis dead: stale cached user, wrong password: 535');
 auth('nobody', 'x', qr/^454 4\.7\.0 /, 'Redis dead: unknown user: 454');
-is(delta($c0, counts()), 'hit=0 miss=3 stale=2',
+is(cache_delta($c0, cache_counts()), 'hit=0 miss=3 stale=2',
     'Redis dead: a stale use is a miss and a stale');
 sleep 6.2;
 auth('alice', 'new', qr/^454 4\.7\.0 /, 'Redis dead, past stale: 454');

@@ -79,14 +79,7 @@ my $n = start_nginx($conf, workers => 2);
 my $P = sub { SmtpExt::Test::port($_[0]) };
 my $L = '127.0.0.1:' . $P->('smtp');
 
-sub scrape {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => $P->('http'), Timeout => 5) or die "http: $!";
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    my $res = <$s>;
-    return $res;
-}
+sub scrape { http_get('http', '/metrics') }
 
 # a strict parser: every sample's family has HELP and TYPE before it
 

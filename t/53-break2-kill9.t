@@ -48,19 +48,7 @@ my $PCA = qq(smtp_ext_upstream_peer_connections_active)
     . qq({upstream="limited",peer="$peer"});
 my $CA = qq(smtp_ext_connections_active{listen="$L"});
 
-sub metrics {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => SmtpExt::Test::port('http'), Timeout => 5)
-        or return {};
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    my $res = <$s> // '';
-    my %v;
-    for (split /\n/, $res) {
-        $v{$1} = $2 if /^(\S+) (\S+)$/ && !/^#/;
-    }
-    return \%v;
-}
+sub metrics { metrics_samples('http') }
 
 # a transaction holds the one allowed connection
 my $c = smtp_client('smtp');

@@ -86,13 +86,7 @@ sub parse {
     return (\%v, \@err);
 }
 
-sub scrape {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => $P->('http'), Timeout => 5) or return '';
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    return <$s> // '';
-}
+sub scrape { http_get('http', '/metrics') }
 
 my ($m0, $e0) = parse(scrape());
 is_deeply($e0, [], 'strict format with an escaped pool name');

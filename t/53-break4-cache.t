@@ -63,21 +63,6 @@ EOF
 
 my $n = start_nginx($conf);
 
-sub counts {
-    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
-        PeerPort => SmtpExt::Test::port('http'), Timeout => 5) or return {};
-    print $s "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n";
-    local $/;
-    my $res = <$s> // '';
-    my %c = $res =~ /^smtp_ext_redis_cache_total\{result="(\w+)"\} (\d+)$/mg;
-    $c{$_} //= 0 for qw(hit miss stale);
-    return \%c;
-}
-
-sub delta {
-    my ($a, $b) = @_;
-    return join ' ', map { "$_=" . ($b->{$_} - $a->{$_}) } qw(hit miss stale);
-}
 
 sub session {
     my ($port) = @_;
@@ -111,7 +96,7 @@ sub gets_of { scalar grep { /"GET"|"HGET/i } @_ }
 
 # 1. reject, absence, route: exact metrics, exact Redis traffic
 
-my $c0 = counts();
+my $c0 = cache_counts();
 $r->monitor_start();
 rcpt('bad@known.test', qr/^550 5\.1\.1 /, 'reject from Redis');
 rcpt('bad@known.test', qr/^550 5\.1\.1 /, 'reject from the cache');
@@ -120,17 +105,17 @@ rcpt('U@Known.Test', qr/^250 /, 'route from the cache, other case');
 my @mon = $r->monitor_stop();
 is(gets_of(@mon), 4, 'reject and route: Redis asked once each (2 keys)')
     or diag(join "\n", @mon);
-is(delta($c0, counts()), 'hit=2 miss=2 stale=0', 'metrics exact');
+is(cache_delta($c0, cache_counts()), 'hit=2 miss=2 stale=0', 'metrics exact');
 
 # 2. pipelined RCPTs mixing cached and uncached, replies in order
 
-$c0 = counts();
+$c0 = cache_counts();
 my $c = session();
 my @codes = pipeline($c, 'u@known.test', 'p1@d0.test', 'bad@known.test',
     'p2@d1.test', 'u@known.test', 'p3@d2.test');
 is("@codes", '250 250 550 554 250 250', 'pipelined mix: replies in order');
 $c->cmd('QUIT', qr/^221 /);
-is(delta($c0, counts()), 'hit=3 miss=3 stale=0', 'pipelined: metrics exact');
+is(cache_delta($c0, cache_counts()), 'hit=3 miss=3 stale=0', 'pipelined: metrics exact');
 
 # 3. a route changed in Redis is seen after valid
 
@@ -196,12 +181,12 @@ is(scalar(grep { /"GET" "authfail:127\.0\.0\.1"/ } @mu), 1,
 
 rcpt('u@known.test', qr/^250 /, 'warm');
 sleep 3.2;
-$c0 = counts();
+$c0 = cache_counts();
 $r->kill();
 rcpt('u@known.test', qr/^250 /, 'Redis dead: stale route');
 rcpt('bad@known.test', qr/^550 5\.1\.1 /, 'Redis dead: stale reject');
 rcpt('never@never.test', qr/^451 4\.3\.0 /, 'Redis dead, nothing cached');
-is(delta($c0, counts()), 'hit=0 miss=3 stale=2',
+is(cache_delta($c0, cache_counts()), 'hit=0 miss=3 stale=2',
     'Redis dead: metrics (a stale use is also a miss)');
 auth(qr/^235 /, 'Redis dead: AUTH from the stale user: entry');
 $r->restart();
@@ -214,9 +199,9 @@ my $conf0 = $conf;
 $conf0 =~ s/valid=3s stale=1h/valid=0 stale=1h/;
 $n->stop();
 $n = start_nginx($conf0, workers => 2);
-$c0 = counts();
+$c0 = cache_counts();
 for (1 .. 4) { rcpt('u@known.test', qr/^250 /, "valid=0: $_") }
-is(counts()->{hit} - $c0->{hit}, 0, 'valid=0: never a hit');
+is(cache_counts()->{hit} - $c0->{hit}, 0, 'valid=0: never a hit');
 $r->stall();
 rcpt('u@known.test', qr/^250 /, 'valid=0 stale=1h, Redis silent: stale');
 $r->resume();
@@ -233,10 +218,10 @@ my $nocache = $conf0;
 $nocache =~ s/^\s*smtp_ext_redis_cache .*\n//m;
 $n->reload($nocache);
 sleep 1.5;
-$c0 = counts();
+$c0 = cache_counts();
 for (1 .. 4) { rcpt('u@known.test', qr/^250 /, "no cache: $_") }
 rcpt('bad@known.test', qr/^550 5\.1\.1 /, 'no cache: reject');
-is(delta($c0, counts()), 'hit=0 miss=0 stale=0', 'no cache: not counted');
+is(cache_delta($c0, cache_counts()), 'hit=0 miss=0 stale=0', 'no cache: not counted');
 $n->reload($conf);
 sleep 1.5;
 rcpt('u@known.test', qr/^250 /, 'cache back');
@@ -248,7 +233,3 @@ ok(error_log_clean($n), 'no alerts in the error log')
 $n->stop();
 done_testing();
 
-sub b64 {
-    require MIME::Base64;
-    return MIME::Base64::encode_base64($_[0], '');
-}

@@ -46,6 +46,7 @@ our @EXPORT = qw(
     require_programs module_path mail_module_path nginx_bin
     read_file write_file
     lines_reply worker_sockets worker_busy_sockets is_asan
+    http_get metrics_samples cache_counts cache_delta
 );
 
 my $root = abs_path(dirname(__FILE__) . '/../../..');
@@ -118,6 +119,43 @@ sub wait_for {
         sleep($delay);
         $delay *= 2 if $delay < 0.1;
     }
+}
+
+
+# the status page: an HTTP/1.0 GET to 127.0.0.1:port($name); the whole
+# response, '' when it cannot be had
+sub http_get {
+    my ($name, $path) = @_;
+    my $s = IO::Socket::INET->new(PeerAddr => '127.0.0.1',
+        PeerPort => port($name), Timeout => 5) or return '';
+    print $s "GET $path HTTP/1.0\r\nHost: x\r\n\r\n";
+    local $/;
+    my $res = <$s>;
+    return $res // '';
+}
+
+# every sample of /metrics on port($name): { 'name{labels}' => value }
+sub metrics_samples {
+    my ($name) = @_;
+    my %v;
+    for (split /\n/, http_get($name // 'http', '/metrics')) {
+        $v{$1} = $2 if /^(\S+) (\S+)$/ && !/^#/;
+    }
+    return \%v;
+}
+
+# smtp_ext_redis_cache_total by result, and the change between two
+sub cache_counts {
+    my ($name) = @_;
+    my %c = http_get($name // 'http', '/metrics')
+        =~ /^smtp_ext_redis_cache_total\{result="(\w+)"\} (\d+)\r?$/mg;
+    $c{$_} //= 0 for qw(hit miss stale);
+    return \%c;
+}
+
+sub cache_delta {
+    my ($a, $b) = @_;
+    return join ' ', map { "$_=" . ($b->{$_} - $a->{$_}) } qw(hit miss stale);
 }
 
 
