@@ -14,7 +14,11 @@ messages per session, 100 KiB messages, and the memory of idle sessions
 after EHLO.  bdat100k (smtp_ext only, not in the default set): 100 KiB
 messages in BDAT chunks of 16 KiB from this script's own client, to its
 own sink without CHUNKING (converted to DATA) and with it (BDAT), beside
-the same client sending DATA; CPU per MB of the nginx under test.  The stable figure is the CPU time (utime + stime from
+the same client sending DATA; CPU per MB of the nginx under test.
+auth1k (not in the default set either): sessions of EHLO, AUTH PLAIN
+against a {PLAIN} user in Redis, QUIT, from this script's client, to the
+module without and with smtp_ext_redis_cache; CPU of nginx and of Redis
+per 1000 AUTHs.  The stable figure is the CPU time (utime + stime from
 /proc) of the proxy's processes per 1000 messages, the median of
 BENCH_REPS interleaved repetitions; Redis and the auth_http server are
 counted apart.  Prints one table, writes bench/results/latest.txt and
@@ -25,7 +29,7 @@ Environment: SMTP_EXT_MODULE, NGINX_BIN, NGX_MAIL_MODULE,
 NGX_STREAM_MODULE, REDIS_SERVER, BENCH_REPS (3), BENCH_NEW_MSGS (10000),
 BENCH_SESSION_MSGS (40000), BENCH_BIG_MSGS (4000), BENCH_IDLE (2000),
 BENCH_CANDIDATES, BENCH_WORKLOADS (comma lists), BENCH_DOC (1),
-BENCH_BDAT_MSGS (2000), BENCH_BDAT_SESSIONS (20),
+BENCH_BDAT_MSGS (2000), BENCH_BDAT_SESSIONS (20), BENCH_AUTH (10000),
 BENCH_KEEP (keep the work directory).  Only 127.0.0.1 is used.
 """
 
@@ -121,12 +125,17 @@ def sel(name, allowed):
 
 
 CANDS = sel('BENCH_CANDIDATES', CANDIDATES)
-ALL_WLS = [x[0] for x in WORKLOADS] + ['idle', 'bdat100k']
+ALL_WLS = [x[0] for x in WORKLOADS] + ['idle', 'bdat100k', 'auth1k']
 WLS = [w for w in WORKLOADS if w[0] in sel('BENCH_WORKLOADS', ALL_WLS)]
 DO_IDLE = 'idle' in sel('BENCH_WORKLOADS', ALL_WLS)
 # bdat100k only when asked for: the default set stays as it was
 DO_BDAT = 'bdat100k' in [x.strip() for x in
                          (os.environ.get('BENCH_WORKLOADS') or '').split(',')]
+DO_AUTH = 'auth1k' in [x.strip() for x in
+                         (os.environ.get('BENCH_WORKLOADS') or '').split(',')]
+AUTH_SESSIONS = env_int('BENCH_AUTH', 10000)
+AUTH_USER = 'bench'
+AUTH_PASSWORD = 'bench-secret'
 BDAT_MSGS = env_int('BENCH_BDAT_MSGS', 2000)
 BDAT_SESSIONS = env_int('BENCH_BDAT_SESSIONS', 20)
 BDAT_SIZE = 102400
@@ -304,8 +313,8 @@ def redis_cmd(port, *args):
     return reply
 
 
-def start_redis(port, sink_port):
-    d = os.path.join(workdir, 'redis')
+def start_redis(port, sink_port, name='redis'):
+    d = os.path.join(workdir, name)
     os.makedirs(d)
     out = open(os.path.join(d, 'redis.log'), 'w')
     p = subprocess.Popen(
@@ -648,6 +657,107 @@ def bdat_bench():
     return rows
 
 
+# --- auth1k: AUTH PLAIN sessions ---------------------------------------
+
+def auth_client(port, n, threads):
+    """n sessions in threads: EHLO, AUTH PLAIN, QUIT; every AUTH 235"""
+    import base64
+    import threading
+
+    auth = base64.b64encode(('\0%s\0%s' % (AUTH_USER, AUTH_PASSWORD))
+                            .encode())
+    wire = b'EHLO ' + HELO.encode() + b'\r\nAUTH PLAIN ' + auth + b'\r\n'
+    errors = []
+
+    def run(k):
+        try:
+            for _ in range(k):
+                s = socket.create_connection(('127.0.0.1', port), 10)
+                s.settimeout(30)
+                code, buf = read_reply(s, b'')
+                s.sendall(wire)
+                code, buf = read_reply(s, buf)
+                code, buf = read_reply(s, buf)
+                if code != b'235':
+                    raise OSError('AUTH %r' % code)
+                s.sendall(b'QUIT\r\n')
+                read_reply(s, buf)
+                s.close()
+        except Exception as e:
+            errors.append(str(e))
+
+    per = [n // threads + (1 if i < n % threads else 0)
+           for i in range(threads)]
+    ts = [threading.Thread(target=run, args=(k,)) for k in per if k]
+    for th in ts:
+        th.start()
+    for th in ts:
+        th.join()
+    if errors:
+        sys.exit('auth client: %d threads failed: %s'
+                 % (len(errors), errors[0]))
+
+
+def auth_bench():
+    """auth1k: returns the table rows"""
+    me = os.path.abspath(__file__)
+    ports = {k: free_port() for k in ('sink', 'redis', 'ext-auth',
+                                      'ext-auth-cache')}
+    redis = start_redis(ports['redis'], ports['sink'], 'redis-auth')
+    redis_cmd(ports['redis'], 'HSET', 'user:' + AUTH_USER, 'password',
+              '{PLAIN}' + AUTH_PASSWORD)
+
+    cases = [('ext-auth', 'smtp_ext + Redis'),
+             ('ext-auth-cache', 'smtp_ext + Redis + cache')]
+    ngx = {c: Nginx(c, ports[c], ports) for c, _ in cases}
+    for c in ngx:
+        ngx[c].start()
+
+    runs = {}
+    for rep in range(REPS):
+        for c, label in cases:
+            pp = ngx[c].pids()
+            p0, r0 = cpu_of(pp), cpu_of([redis.pid])
+            t0 = time.monotonic()
+            r = subprocess.run(
+                pinned([sys.executable, me, '--auth-client', str(ports[c]),
+                        str(AUTH_SESSIONS), '20'], 1),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                timeout=RUN_TIMEOUT)
+            t = time.monotonic() - t0
+            if r.returncode != 0:
+                sys.exit('bench: auth client failed:\n'
+                         + r.stdout.decode(errors='replace')[-2000:])
+            time.sleep(0.2)
+            k = AUTH_SESSIONS / 1000.0
+            ng = (cpu_of(pp) - p0) * 1000.0 / TICK / k
+            rd = (cpu_of([redis.pid]) - r0) * 1000.0 / TICK / k
+            runs.setdefault(c, []).append((t, ng, rd))
+            log('auth1k %d/%d %-26s %6.2fs nginx %.1f ms/1k redis %.1f '
+                'ms/1k' % (rep + 1, REPS, label, t, ng, rd))
+    for c in ngx:
+        ngx[c].stop()
+    redis.terminate()
+    redis.wait(10)
+
+    hdr = '%-10s %-28s %9s %12s %12s' % ('workload', 'candidate',
+                                          'AUTH/s', 'nginx ms/1k',
+                                          'Redis ms/1k')
+    rows = [hdr, '-' * len(hdr)]
+    for c, label in cases:
+        rs = runs[c]
+        rows.append('%-10s %-28s %9.0f %12.1f %12.1f' % (
+            'auth1k', label,
+            AUTH_SESSIONS / statistics.median(x[0] for x in rs),
+            statistics.median(x[1] for x in rs),
+            statistics.median(x[2] for x in rs)))
+    rows.append('')
+    rows.append('auth1k: %d sessions of EHLO, AUTH PLAIN ({PLAIN} user), '
+                'QUIT, 20 client threads; CPU per 1000 AUTHs, median of %d.'
+                % (AUTH_SESSIONS, REPS))
+    return rows
+
+
 def main():
     global workdir
     signal.signal(signal.SIGTERM, on_signal)
@@ -674,15 +784,17 @@ def main():
     workdir = tempfile.mkdtemp(prefix='smtp-ext-bench-')
     os.chmod(workdir, 0o755)
 
-    bdat_rows = bdat_bench() if DO_BDAT else []
-    if bdat_rows:
-        print()
-        print('\n'.join(bdat_rows))
-        os.makedirs(RESULTS, exist_ok=True)
-        with open(os.path.join(RESULTS, 'bdat100k.txt'), 'w') as f:
-            f.write('\n'.join(bdat_rows) + '\n')
-        if not WLS and not DO_IDLE:
-            return
+    for flag, fn, name in ((DO_BDAT, bdat_bench, 'bdat100k'),
+                           (DO_AUTH, auth_bench, 'auth1k')):
+        rows = fn() if flag else []
+        if rows:
+            print()
+            print('\n'.join(rows))
+            os.makedirs(RESULTS, exist_ok=True)
+            with open(os.path.join(RESULTS, name + '.txt'), 'w') as f:
+                f.write('\n'.join(rows) + '\n')
+    if (DO_BDAT or DO_AUTH) and not WLS and not DO_IDLE:
+        return
 
     ports = {k: free_port() for k in
              ('sink', 'redis', 'auth', 'ext-redis', 'ext-cache', 'ext',
@@ -965,6 +1077,11 @@ if __name__ == '__main__' and len(sys.argv) > 1 \
         and sys.argv[1] == '--bdat-client':
     bdat_client(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]),
                 int(sys.argv[5]))
+    sys.exit(0)
+
+if __name__ == '__main__' and len(sys.argv) > 1 \
+        and sys.argv[1] == '--auth-client':
+    auth_client(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))
     sys.exit(0)
 
 if __name__ == '__main__':
