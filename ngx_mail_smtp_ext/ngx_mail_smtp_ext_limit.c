@@ -462,7 +462,7 @@ ngx_mail_smtp_ext_limit_acquire(ngx_mail_session_t *s,
 }
 
 
-/* gives the session's limit_conn slot back: from the c->pool cleanup */
+/* gives the session's limit_conn slot back: at a refusal, or at the end */
 
 void
 ngx_mail_smtp_ext_edge_release(ngx_mail_session_t *s)
@@ -654,6 +654,9 @@ ngx_mail_smtp_ext_edge_refuse(ngx_mail_session_t *s, ngx_str_t *reply,
             edge->dnsbl_pending--;
         }
     }
+
+    /* SPEC 10: a refused session never counts, lingering or not */
+    ngx_mail_smtp_ext_edge_release(s);
 
     c->read->handler = ngx_mail_smtp_ext_auth_state;
 

@@ -46,6 +46,12 @@ mail {
         smtp_ext_limit_exempt 192.0.2.99;
     }
     server {
+        listen 127.0.0.1:%%PORT_lp%%;
+        protocol smtp_ext;
+        smtp_ext_limit_conn 1;
+        smtp_ext_greeting_delay 300ms;
+    }
+    server {
         listen 127.0.0.1:%%PORT_tls%% ssl;
         protocol smtp_ext;
         smtp_ext_greeting_delay 1s;
@@ -125,6 +131,18 @@ $c->cmd('QUIT', qr/^221 /);
 $c = client('delay', '127.0.0.2');
 $c->send("EHLO early.test\r\n");
 refused($c, $pregreet, 'pregreet');
+
+# a refused session never counts, even while its connection lingers
+# (write side shut, input drained) and its client keeps it open
+my $r1 = client('lp', '127.0.0.5');
+$r1->send("EHLO early.test\r\n");
+is($r1->reply(), $pregreet, 'limit_conn 1: pregreet refused');
+my $r2 = client('lp', '127.0.0.5');
+like($r2->reply(3), $greeting,
+    'limit_conn 1: the refused, still open session holds no slot');
+refused(client('lp', '127.0.0.5'), $too_many,
+    'limit_conn 1: the greeted one does');
+$_->sock->close for $r1, $r2;
 
 # the same line after the greeting is fine
 $c = client('delay', '127.0.0.3');
