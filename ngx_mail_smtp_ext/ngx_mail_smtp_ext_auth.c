@@ -588,6 +588,7 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     ngx_mail_session_t *s = data;
 
     ngx_int_t                      fails;
+    ngx_uint_t                     i;
     redisReply                    *user, *f;
     ngx_connection_t              *c;
     ngx_mail_smtp_ext_ctx_t       *ctx;
@@ -596,6 +597,16 @@ ngx_mail_smtp_ext_auth_looked_up(void *data, redisReply **replies,
     c = s->connection;
     ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
     sscf = ngx_mail_get_module_srv_conf(s, ngx_mail_smtp_ext_module);
+
+    for (i = 0; replies && i < n; i++) {
+        if (replies[i]->type == REDIS_REPLY_ERROR) {
+            /* -LOADING and the like: Redis failed, it did not lie */
+            ngx_log_error(NGX_LOG_ERR, c->log, 0,
+                          "smtp_ext: Redis answered AUTH with an error: "
+                          "%*s", (size_t) replies[i]->len, replies[i]->str);
+            replies = NULL;
+        }
+    }
 
     if (replies == NULL) {
         /* Redis failed or timed out: a cached user, fresh or stale */

@@ -30,28 +30,8 @@ $r->cmd('HSET', 'user:alice', 'password', '{PLAIN}secret');
 
 # the hostile server
 
-my $ctl = testdir() . '/hostile.mode';
-my $hdir = testdir() . '/hostile';
-mkdir $hdir;
-write_file($ctl, "proxy\n");
-
-my $hport = port('hostile');    # chosen here, not in the child
-my $hpid = fork();
-die "fork: $!" unless defined $hpid;
-if ($hpid == 0) {
-    open STDOUT, '>', "$hdir/stdout.log";
-    open STDERR, '>', "$hdir/stderr.log";
-    exec($^X, 't/bin/redis-hostile.pl', '--port', $hport,
-        '--redis-port', $r->port, '--control', $ctl,
-        '--pidfile', "$hdir/pid", '--stream-time', 10)
-        or POSIX::_exit(127);
-}
-END { kill 'TERM', $hpid if $hpid; waitpid($hpid, 0) if $hpid; }
-
-die "redis-hostile.pl did not start\n"
-    unless wait_for(sub { -e "$hdir/pid" }, 10);
-
-sub set_mode { write_file($ctl, "$_[0]\n") }
+my $h = start_hostile_redis($r);
+sub set_mode { $h->mode($_[0]) }
 
 my $n = start_nginx(<<"EOF");
 mail {

@@ -25,6 +25,8 @@
 #   silent       read and never answer; a connection that saw "silent"
 #                stays silent (a hung server), new ones follow the mode
 #   garbage      non-RESP octets
+#   loading      "-LOADING Redis is loading the dataset in memory" to
+#                every command, as a restarting Redis answers
 #   refuse       as a Redis over maxclients: "-ERR max number of clients
 #                reached" unasked on connect (or as the answer), then close
 #
@@ -226,6 +228,9 @@ sub answer {
                      : $name eq 'HMGET' ? '*' . (@$cmd - 2) . "\r\n"
                                           . (":7\r\n" x (@$cmd - 2))
                      : ":7\r\n";
+
+    } elsif ($mode eq 'loading') {
+        $cl->{out} .= "-LOADING Redis is loading the dataset in memory\r\n";
 
     } elsif ($mode eq 'refuse') {
         $cl->{out} .= "-ERR max number of clients reached\r\n";

@@ -24,13 +24,17 @@ use POSIX qw(:sys_wait_h);
 use Time::HiRes qw(time sleep);
 
 use SmtpExt::Test ();
+use Cwd qw(abs_path);
+use File::Basename qw(dirname);
+
+my $root = abs_path(dirname(__FILE__) . '/../../..');
 
 sub testdir { SmtpExt::Test::testdir() }
 sub wait_for { SmtpExt::Test::wait_for(@_) }
 sub read_file { SmtpExt::Test::read_file(@_) }
 
 our @EXPORT = qw(start_redis redis_bin hash_sha512 hash_yescrypt
-    hash_bcrypt hash_ssha cram_md5_response b64);
+    hash_bcrypt hash_ssha cram_md5_response b64 start_hostile_redis);
 
 my @servers;
 
@@ -297,6 +301,54 @@ END {
     }
 }
 
+
+# t/bin/redis-hostile.pl on port($name) in front of the real Redis $r:
+# it misbehaves as ->mode('MODE') says ("proxy": it behaves).  Stopped
+# at the end of the test.
+my @hostiles;
+
+sub start_hostile_redis {
+    my ($r, %opt) = @_;
+    my $name = $opt{name} // 'hostile';
+    my $dir = testdir() . "/$name";
+    make_path($dir);
+    my $self = bless { ctl => "$dir/mode", port => SmtpExt::Test::port($name),
+        dir => $dir }, 'SmtpExt::Redis::Hostile';
+    $self->mode('proxy');
+
+    my $pid = fork();
+    die "fork: $!" unless defined $pid;
+    if ($pid == 0) {
+        open STDOUT, '>', "$dir/stdout.log";
+        open STDERR, '>', "$dir/stderr.log";
+        exec($^X, "$root/t/bin/redis-hostile.pl", '--port', $self->{port},
+            '--redis-port', $r->port, '--control', $self->{ctl},
+            '--pidfile', "$dir/pid", '--stream-time',
+            $opt{stream_time} // 10)
+            or POSIX::_exit(127);
+    }
+    $self->{pid} = $pid;
+    push @hostiles, $self;
+    die "redis-hostile.pl did not start\n"
+        unless wait_for(sub { -e "$dir/pid" }, 10);
+    return $self;
+}
+
+END {
+    local $?;
+    SmtpExt::Test::stop_process($_, 5) for @hostiles;
+}
+
+package SmtpExt::Redis::Hostile;
+
+sub port { $_[0]{port} }
+
+sub mode {
+    my ($self, $mode) = @_;
+    SmtpExt::Test::write_file($self->{ctl}, "$mode\n");
+}
+
+package SmtpExt::Redis;
 
 # password hashes for user:LOGIN
 
