@@ -730,7 +730,6 @@ ngx_mail_smtp_ext_metric_line(ngx_mail_session_t *s, u_char *line,
     size_t len)
 {
     u_char                   *p, *last;
-    size_t                    show;
     ngx_smtp_ext_m_conn_t    *mc;
     ngx_mail_smtp_ext_ctx_t  *ctx;
 
@@ -746,8 +745,6 @@ ngx_mail_smtp_ext_metric_line(ngx_mail_session_t *s, u_char *line,
                        "smtp_ext: client: ***");
         return;
     }
-
-    show = len;
 
     if (len > 5 && ngx_strncasecmp(line, (u_char *) "AUTH ", 5) == 0) {
 
@@ -781,17 +778,16 @@ ngx_mail_smtp_ext_metric_line(ngx_mail_session_t *s, u_char *line,
             p++;
         }
 
-        show = p - line;
-
         if (p < last) {
             ngx_log_debug2(NGX_LOG_DEBUG_MAIL, s->connection->log, 0,
-                           "smtp_ext: client: %*s ***", show, line);
+                           "smtp_ext: client: %*s ***",
+                           (size_t) (p - line), line);
             return;
         }
     }
 
     ngx_log_debug2(NGX_LOG_DEBUG_MAIL, s->connection->log, 0,
-                   "smtp_ext: client: %*s", show, line);
+                   "smtp_ext: client: %*s", len, line);
 }
 
 

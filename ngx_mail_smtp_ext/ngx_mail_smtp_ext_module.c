@@ -380,13 +380,13 @@ ngx_module_t  ngx_mail_smtp_ext_module = {
 
 /*
  * It is written through the first member of ngx_mail_auth_http_conf_t,
- * private to that module: its peer pointer, from nginx 1.22 to 1.29.
- * Another version needs that layout checked first.
+ * private to that module: its peer pointer, unchanged from nginx 1.22.1
+ * to 1.31.5.  Another version needs that layout checked first.
  */
 
-#if (nginx_version < 1022000 || nginx_version >= 1030000)
+#if (nginx_version < 1022000 || nginx_version >= 1032000)
 #error "ngx_mail_smtp_ext: the auth_http placeholder is known to fit \
-nginx 1.22 to 1.29 only"
+nginx 1.22 to 1.31 only"
 #endif
 
 static struct sockaddr_in  ngx_mail_smtp_ext_no_auth_sin = {
