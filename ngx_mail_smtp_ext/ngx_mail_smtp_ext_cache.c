@@ -38,6 +38,7 @@ typedef struct {
     ngx_uint_t                        generation; /* sh's at this cycle */
     ngx_msec_t                        valid;
     ngx_msec_t                        stale;
+    unsigned                          reloaded:1; /* not emptied yet */
 } ngx_mail_smtp_ext_cache_t;
 
 
@@ -199,46 +200,27 @@ ngx_mail_smtp_ext_cache_enabled(ngx_mail_session_t *s)
 }
 
 
-/* in the master, at start and reload: a reload empties the cache */
+/*
+ * In the master, at start and reload.  A reload may still fail after the
+ * zones (a listen that cannot be bound): the old workers then go on with
+ * this zone, so it is emptied only once the new cycle is sure, in
+ * ngx_mail_smtp_ext_cache_init_module().
+ */
 
 static ngx_int_t
 ngx_mail_smtp_ext_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
 {
     ngx_mail_smtp_ext_cache_t *cache = shm_zone->data;
 
-    ngx_queue_t                     *q;
-    ngx_slab_pool_t                 *shpool;
-    ngx_mail_smtp_ext_cache_sh_t    *sh;
-    ngx_mail_smtp_ext_cache_node_t  *node;
+    ngx_slab_pool_t               *shpool;
+    ngx_mail_smtp_ext_cache_sh_t  *sh;
 
     shpool = (ngx_slab_pool_t *) shm_zone->shm.addr;
     cache->shpool = shpool;
 
     if (data && shpool->data) {
-        sh = shpool->data;
-
-        ngx_shmtx_lock(&shpool->mutex);
-
-        while (!ngx_queue_empty(&sh->lru)) {
-            q = ngx_queue_last(&sh->lru);
-            node = ngx_queue_data(q, ngx_mail_smtp_ext_cache_node_t, queue);
-            ngx_queue_remove(q);
-            ngx_rbtree_delete(&sh->rbtree, &node->node);
-            ngx_slab_free_locked(shpool, node);
-        }
-
-        /*
-         * Workers of the old cycle go on until their sessions end: from
-         * now on they neither read nor write here.  Their configuration
-         * (whose address names the Redis in every key) is freed at a
-         * later reload and its address may be taken again.
-         */
-
-        cache->generation = ++sh->generation;
-
-        ngx_shmtx_unlock(&shpool->mutex);
-
-        cache->sh = sh;
+        cache->sh = shpool->data;
+        cache->reloaded = 1;
         return NGX_OK;
     }
 
@@ -258,6 +240,51 @@ ngx_mail_smtp_ext_cache_init_zone(ngx_shm_zone_t *shm_zone, void *data)
     cache->sh = sh;
 
     return NGX_OK;
+}
+
+
+/* in the master, the new cycle is sure: a reload empties the cache */
+
+void
+ngx_mail_smtp_ext_cache_init_module(ngx_mail_smtp_ext_main_conf_t *smcf)
+{
+    ngx_queue_t                     *q;
+    ngx_slab_pool_t                 *shpool;
+    ngx_mail_smtp_ext_cache_t       *cache;
+    ngx_mail_smtp_ext_cache_sh_t    *sh;
+    ngx_mail_smtp_ext_cache_node_t  *node;
+
+    cache = smcf->cache;
+
+    if (cache == NULL || cache->sh == NULL || !cache->reloaded) {
+        return;
+    }
+
+    cache->reloaded = 0;
+
+    shpool = cache->shpool;
+    sh = cache->sh;
+
+    ngx_shmtx_lock(&shpool->mutex);
+
+    while (!ngx_queue_empty(&sh->lru)) {
+        q = ngx_queue_last(&sh->lru);
+        node = ngx_queue_data(q, ngx_mail_smtp_ext_cache_node_t, queue);
+        ngx_queue_remove(q);
+        ngx_rbtree_delete(&sh->rbtree, &node->node);
+        ngx_slab_free_locked(shpool, node);
+    }
+
+    /*
+     * Workers of the old cycle go on until their sessions end: from now
+     * on they neither read nor write here.  Their configuration (whose
+     * address names the Redis in every key) is freed at a later reload
+     * and its address may be taken again.
+     */
+
+    cache->generation = ++sh->generation;
+
+    ngx_shmtx_unlock(&shpool->mutex);
 }
 
 

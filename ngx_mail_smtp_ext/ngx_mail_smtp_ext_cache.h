@@ -24,6 +24,8 @@ ngx_int_t ngx_mail_smtp_ext_cache_get(ngx_mail_session_t *s, ngx_str_t *key,
     u_char *buf, ngx_str_t *value, ngx_uint_t stale_ok);
 void ngx_mail_smtp_ext_cache_put(ngx_mail_session_t *s, ngx_str_t *key,
     ngx_str_t *value);
+void ngx_mail_smtp_ext_cache_init_module(
+    ngx_mail_smtp_ext_main_conf_t *smcf);
 
 
 #endif /* _NGX_MAIL_SMTP_EXT_CACHE_H_INCLUDED_ */

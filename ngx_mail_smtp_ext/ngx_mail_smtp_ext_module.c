@@ -1010,7 +1010,26 @@ ngx_mail_smtp_ext_redis_sentinel(ngx_conf_t *cf, ngx_command_t *cmd,
 static ngx_int_t
 ngx_mail_smtp_ext_init_module(ngx_cycle_t *cycle)
 {
+    ngx_mail_conf_ctx_t            *ctx;
+    ngx_mail_smtp_ext_main_conf_t  *smcf;
+
     ngx_log_error(NGX_LOG_NOTICE, cycle->log, 0, NGX_MAIL_SMTP_EXT_VER);
+
+    /* past the last point where a reload can fail */
+
+    ctx = (ngx_mail_conf_ctx_t *) cycle->conf_ctx[ngx_mail_module.index];
+
+    if (ctx == NULL
+        || ngx_mail_smtp_ext_module.ctx_index == NGX_MODULE_UNSET_INDEX)
+    {
+        return NGX_OK;
+    }
+
+    smcf = ctx->main_conf[ngx_mail_smtp_ext_module.ctx_index];
+
+    if (smcf) {
+        ngx_mail_smtp_ext_cache_init_module(smcf);
+    }
 
     return NGX_OK;
 }

@@ -27,6 +27,8 @@
 #   garbage      non-RESP octets
 #   loading      "-LOADING Redis is loading the dataset in memory" to
 #                every command, as a restarting Redis answers
+#   geterr       "-ERR hostile" to GET only, the rest proxied
+#   hmgeterr     "-ERR hostile" to HMGET only, the rest proxied
 #   refuse       as a Redis over maxclients: "-ERR max number of clients
 #                reached" unasked on connect (or as the answer), then close
 #
@@ -231,6 +233,11 @@ sub answer {
 
     } elsif ($mode eq 'loading') {
         $cl->{out} .= "-LOADING Redis is loading the dataset in memory\r\n";
+
+    } elsif ($mode eq 'geterr' || $mode eq 'hmgeterr') {
+        # an error to one command only, the others go through
+        $cl->{out} .= $name eq uc(substr($mode, 0, -3))
+                      ? "-ERR hostile\r\n" : proxy($cl, $raw);
 
     } elsif ($mode eq 'refuse') {
         $cl->{out} .= "-ERR max number of clients reached\r\n";
