@@ -335,10 +335,9 @@ def cpu_of(pids, user_only=False):
     return sum(proc_cpu(p, user_only) for p in pids)
 
 
-def run_source(port, args, msgs, size):
-    cmd = pinned([SOURCE] + args
-                 + ['-m', str(msgs), '-l', str(size), '-f', SENDER, '-t',
-                    RCPT, '-M', HELO, '127.0.0.1:%d' % port], 1)
+def run_load(cmd):
+    """a load generator on CPU 1; returns its wall time, exits if it fails"""
+    cmd = pinned(cmd, 1)
     t0 = time.monotonic()
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                        timeout=RUN_TIMEOUT)
@@ -348,6 +347,12 @@ def run_source(port, args, msgs, size):
                  % (' '.join(cmd), r.returncode,
                     r.stdout.decode(errors='replace')[-2000:]))
     return t
+
+
+def run_source(port, args, msgs, size):
+    return run_load([SOURCE] + args
+                    + ['-m', str(msgs), '-l', str(size), '-f', SENDER, '-t',
+                       RCPT, '-M', HELO, '127.0.0.1:%d' % port])
 
 
 def read_reply(s, buf):
@@ -620,16 +625,8 @@ def bdat_bench():
         for label, mode, port in cases:
             pp = ng.pids()
             p0 = cpu_of(pp)
-            t0 = time.monotonic()
-            r = subprocess.run(
-                pinned([sys.executable, me, '--bdat-client', str(port),
-                        mode, str(BDAT_MSGS), str(BDAT_SESSIONS)], 1),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                timeout=RUN_TIMEOUT)
-            t = time.monotonic() - t0
-            if r.returncode != 0:
-                sys.exit('bench: bdat client failed:\n'
-                         + r.stdout.decode(errors='replace')[-2000:])
+            t = run_load([sys.executable, me, '--bdat-client', str(port),
+                          mode, str(BDAT_MSGS), str(BDAT_SESSIONS)])
             time.sleep(0.2)
             p1 = cpu_of(pp)
             mb = BDAT_MSGS * BDAT_SIZE / 1e6
@@ -718,16 +715,8 @@ def auth_bench():
         for c, label in cases:
             pp = ngx[c].pids()
             p0, r0 = cpu_of(pp), cpu_of([redis.pid])
-            t0 = time.monotonic()
-            r = subprocess.run(
-                pinned([sys.executable, me, '--auth-client', str(ports[c]),
-                        str(AUTH_SESSIONS), '20'], 1),
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                timeout=RUN_TIMEOUT)
-            t = time.monotonic() - t0
-            if r.returncode != 0:
-                sys.exit('bench: auth client failed:\n'
-                         + r.stdout.decode(errors='replace')[-2000:])
+            t = run_load([sys.executable, me, '--auth-client', str(ports[c]),
+                          str(AUTH_SESSIONS), '20'])
             time.sleep(0.2)
             k = AUTH_SESSIONS / 1000.0
             ng = (cpu_of(pp) - p0) * 1000.0 / TICK / k

@@ -53,6 +53,7 @@ static void ngx_mail_smtp_ext_limit_insert(ngx_rbtree_node_t *temp,
     ngx_rbtree_node_t *node, ngx_rbtree_node_t *sentinel);
 static ngx_int_t ngx_mail_smtp_ext_limit_acquire(ngx_mail_session_t *s,
     ngx_mail_smtp_ext_edge_t *edge);
+static void ngx_mail_smtp_ext_edge_stop(ngx_mail_session_t *s);
 static void ngx_mail_smtp_ext_edge_cleanup(void *data);
 
 
@@ -626,7 +627,6 @@ void
 ngx_mail_smtp_ext_edge_refuse(ngx_mail_session_t *s, ngx_str_t *reply,
     const char *reason)
 {
-    ngx_uint_t                 i;
     ngx_connection_t          *c;
     ngx_mail_smtp_ext_ctx_t   *ctx;
     ngx_mail_smtp_ext_edge_t  *edge;
@@ -638,25 +638,13 @@ ngx_mail_smtp_ext_edge_refuse(ngx_mail_session_t *s, ngx_str_t *reply,
     ngx_log_error(NGX_LOG_INFO, c->log, 0,
                   "smtp_ext: client %V refused: %s", &c->addr_text, reason);
 
-    /* no greeting ever, nothing more to wait for while the reply goes */
+    /*
+     * No greeting ever, nothing more to wait for while the reply goes;
+     * SPEC 10: a refused session never counts, lingering or not.
+     */
 
     edge->holding = 1;
-    edge->done = 1;
-
-    if (edge->delay.timer_set) {
-        ngx_del_timer(&edge->delay);
-    }
-
-    for (i = 0; edge->dnsbl_ctx && edge->dnsbl_pending; i++) {
-        if (edge->dnsbl_ctx[i]) {
-            ngx_resolve_name_done(edge->dnsbl_ctx[i]);
-            edge->dnsbl_ctx[i] = NULL;
-            edge->dnsbl_pending--;
-        }
-    }
-
-    /* SPEC 10: a refused session never counts, lingering or not */
-    ngx_mail_smtp_ext_edge_release(s);
+    ngx_mail_smtp_ext_edge_stop(s);
 
     c->read->handler = ngx_mail_smtp_ext_auth_state;
 
@@ -664,11 +652,11 @@ ngx_mail_smtp_ext_edge_refuse(ngx_mail_session_t *s, ngx_str_t *reply,
 }
 
 
-static void
-ngx_mail_smtp_ext_edge_cleanup(void *data)
-{
-    ngx_mail_session_t  *s = data;
+/* the edge checks end: timers, DNSBL lookups, the limit_conn slot */
 
+static void
+ngx_mail_smtp_ext_edge_stop(ngx_mail_session_t *s)
+{
     ngx_uint_t                 i;
     ngx_mail_smtp_ext_ctx_t   *ctx;
     ngx_mail_smtp_ext_edge_t  *edge;
@@ -690,10 +678,25 @@ ngx_mail_smtp_ext_edge_cleanup(void *data)
         }
     }
 
+    ngx_mail_smtp_ext_edge_release(s);
+}
+
+
+static void
+ngx_mail_smtp_ext_edge_cleanup(void *data)
+{
+    ngx_mail_session_t  *s = data;
+
+    ngx_mail_smtp_ext_ctx_t   *ctx;
+    ngx_mail_smtp_ext_edge_t  *edge;
+
+    ctx = ngx_mail_get_module_ctx(s, ngx_mail_smtp_ext_module);
+    edge = ctx->edge;
+
+    ngx_mail_smtp_ext_edge_stop(s);
+
     if (edge->rl_pool) {
         ngx_destroy_pool(edge->rl_pool);
         edge->rl_pool = NULL;
     }
-
-    ngx_mail_smtp_ext_edge_release(s);
 }
